@@ -1,0 +1,105 @@
+"""What every fusion file provides, and the shared helpers of the pattern language.
+
+A fusion is a named list of onnxscript rewrite rules (pattern / check / rewrite). ``run_fusion`` applies
+them and, when asked, traces the near-misses that remain so that ``verbose`` can say *why* a subgraph
+did not fuse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchStatus
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class FusionContext:
+    """Facts the fusions share: detected (or given) sizes, the model type, options."""
+
+    model_type: str
+    num_heads: int = 0
+    hidden_size: int = 0
+    use_gpu: bool = False
+
+
+@dataclass
+class FusionLog:
+    name: str
+    fused: int = 0
+    refused: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A fusion: its switch name and a factory of rules (rules may depend on the context)."""
+
+    name: str
+    rules: Callable[[FusionContext], Sequence[pattern.RewriteRule]]
+    commute: bool = True
+
+
+def run_fusion(fusion: Fusion, model: ir.Model, ctx: FusionContext, explain: bool = False) -> FusionLog:
+    rules = pattern.RewriteRuleSet(list(fusion.rules(ctx)), commute=fusion.commute)
+    log = FusionLog(fusion.name, fused=rules.apply_to_model(model))
+    if explain:
+        tracer = pattern.MatchingTracer()
+        rules.apply_to_model(model, tracer=tracer)
+        seen: set[str] = set()
+        for rule, infos in tracer.best_matches_map.items():
+            for info in infos:
+                if info.status == MatchStatus.CONDITION_FAILED and info.match_result.reason:
+                    line = f"{rule.name or fusion.name} at {info.root_node.name or info.root_node.op_type}: " \
+                           f"{info.match_result.reason}"
+                    if line not in seen:
+                        seen.add(line)
+                        log.refused.append(line)
+    return log
+
+
+# --- small vocabulary shared by the pattern files -------------------------------------------------
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind a value (initializer or Constant), else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    arr = const_array(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+def is_scalar_close(value: ir.Value | None, expected: float, rtol: float = 1e-3) -> bool:
+    got = const_scalar(value)
+    return got is not None and abs(got - expected) <= rtol * abs(expected) + 1e-12
+
+
+def last_axis(node_or_attr_value: int | Sequence[int] | None, rank: int | None) -> bool:
+    """True when an axis (or a one-element axes list) denotes the last axis."""
+    if node_or_attr_value is None:
+        return False
+    axes = list(node_or_attr_value) if isinstance(node_or_attr_value, (list, tuple)) else [node_or_attr_value]
+    if len(axes) != 1:
+        return False
+    axis = axes[0]
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def vector_of(value: ir.Value | None, length: int | None = None) -> np.ndarray | None:
+    """A 1-D constant (optionally of a given length), e.g. a bias or a LayerNorm scale."""
+    arr = const_array(value)
+    if arr is None:
+        return None
+    arr = arr.reshape(-1) if arr.ndim > 1 and all(d == 1 for d in arr.shape[:-1]) else arr
+    if arr.ndim != 1 or (length is not None and arr.shape[0] != length):
+        return None
+    return arr

@@ -1,0 +1,70 @@
+"""Load and save models with onnx_ir. External data stays lazy (memory-mapped) until a fusion packs it."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from mlstep.errors import BadInputError, OutputError
+
+# Above this many bytes of weights the model is saved with its weights as external data beside it.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+DATA_SUFFIX = ".data"
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; refuse non-ONNX input and external data that escapes the model's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except Exception as err:  # protobuf decode errors have no common base class
+        raise BadInputError(f"{path}: not a readable ONNX model ({type(err).__name__}: {_first_line(err)})") from err
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise BadInputError(f"{path}: not an ONNX model (empty graph)")
+    check_external_data(model, path.parent)
+    return model
+
+
+def check_external_data(model: ir.Model, base_dir: Path) -> None:
+    """Every external tensor must live inside the model's folder (no path traversal, no absolute paths)."""
+    base = base_dir.resolve()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            location = Path(tensor.location)
+            target = (base / location).resolve()
+            if location.is_absolute() or (target != base and base not in target.parents):
+                raise BadInputError(
+                    f"external data location {tensor.location!r} of {value.name!r} escapes the model folder")
+            if not target.is_file():
+                raise BadInputError(f"external data file {tensor.location!r} of {value.name!r} is missing")
+
+
+def weight_bytes(model: ir.Model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Save; weights go to ``<name>.data`` beside the model when they are large (never one >2 GB protobuf)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            ir.save(model, path, external_data=path.name + DATA_SUFFIX)
+        else:
+            ir.save(model, path)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
+    return path
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else ""

@@ -1,0 +1,51 @@
+"""The optimizer's options: the seed's set, plus per-fusion switches."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+MODEL_TYPES = ("auto", "bert", "gpt2", "bert_tf", "bert_keras")
+OPT_LEVELS = (0, 1, 2, 99)
+FUSIONS = ("layer_norm", "skip_layer_norm", "gelu", "fast_gelu", "attention", "embed_layer_norm")
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    model_type: str = "auto"       # auto | bert | gpt2 | bert_tf | bert_keras
+    num_heads: int = 0             # 0 = detect from the graph
+    hidden_size: int = 0           # 0 = detect from the graph
+    input_int32: bool = False      # int64 graph inputs become int32
+    float16: bool = False          # also produce the fp16 variant (library: convert the result)
+    use_gpu: bool = False          # validate on CUDA when it loads; GPU-friendly choices
+    opt_level: int = 0             # ONNX Runtime graph optimizer pre-pass level (0 = none)
+    verbose: bool = False          # per pass: what fused, what was refused and why
+    disabled_fusions: frozenset[str] = field(default_factory=frozenset)
+
+    def validate(self) -> "OptimizeOptions":
+        from mlstep.errors import UsageError
+
+        if self.model_type not in MODEL_TYPES:
+            raise UsageError(f"unknown model_type {self.model_type!r} (choose from {', '.join(MODEL_TYPES)})")
+        if self.opt_level not in OPT_LEVELS:
+            raise UsageError(f"opt_level must be one of {OPT_LEVELS}, got {self.opt_level}")
+        if self.num_heads < 0 or self.hidden_size < 0:
+            raise UsageError("num_heads and hidden_size must be >= 0 (0 = detect)")
+        if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
+            raise UsageError(f"num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        unknown = set(self.disabled_fusions) - set(FUSIONS)
+        if unknown:
+            raise UsageError(f"unknown fusion(s) {sorted(unknown)} (choose from {', '.join(FUSIONS)})")
+        return self
+
+    def as_params(self) -> dict[str, str]:
+        """Flat string params (MLflow params, report.json)."""
+        d = dataclasses.asdict(self)
+        d["disabled_fusions"] = ",".join(sorted(self.disabled_fusions))
+        return {k: str(v) for k, v in d.items()}
+
+    def hash(self) -> str:
+        params = self.as_params()
+        params.pop("verbose")
+        return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
