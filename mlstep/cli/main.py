@@ -1,0 +1,116 @@
+"""``mlstep``: the typer app and the error boundary.
+
+The console script is ``mlstep = mlstep.cli.main:app``; calling ``app()`` runs :func:`main`, which maps
+every error to one line on stderr (``mlstep: error: ...``) and an exit code:
+
+    0    success, every gate passed
+    1    a gate failed (GateFailedError): the outputs and the report are written and say what failed
+    2    bad input or usage (MlstepError subclasses, click usage errors such as a missing --output)
+    3    internal error: an exception mlstep did not expect, i.e. a bug; please report it
+    130  interrupted
+
+Tracebacks are printed only when the environment variable MLSTEP_DEBUG is set (to anything but 0).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Annotated
+
+import click
+import typer
+
+from mlstep import __version__
+from mlstep.cli import optimize as optimize_cmd
+from mlstep.errors import MlstepError
+
+INTERNAL_ERROR = 3
+DEBUG_ENV = "MLSTEP_DEBUG"
+
+
+class MlstepApp(typer.Typer):
+    """A Typer whose call goes through :func:`main` (one-line errors, exit codes) and exits."""
+
+    def __call__(self, *args, **kwargs):  # the console script calls app() with no arguments
+        sys.exit(main())
+
+
+app = MlstepApp(
+    name="mlstep",
+    help="Fuse transformer ONNX models into ONNX Runtime's fused operators, make fp32/fp16 variants, "
+         "prove parity and measure latency.",
+    epilog="Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 internal error. "
+           f"Set {DEBUG_ENV}=1 for tracebacks.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlstep {__version__}")
+        raise typer.Exit()
+
+
+VersionOpt = Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")]
+
+
+@app.callback()
+def _root(version: VersionOpt = False) -> None:
+    """Fuse transformer ONNX models into ONNX Runtime's fused operators, make fp32/fp16 variants, prove
+    parity and measure latency."""
+
+
+app.command("optimize", no_args_is_help=True)(optimize_cmd.optimize)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"mlstep {__version__}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=list(argv) if argv is not None else None, prog_name="mlstep",
+                          standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except MlstepError as err:
+        return _fail(str(err), err.exit_code, debug)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.ctx.get_help() if err.ctx else "")     # help on stdout, usage exit code (2)
+        return err.exit_code
+    except click.ClickException as err:
+        hint = ""
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            hint = f" (see '{err.ctx.command_path} --help')"
+        return _fail(err.format_message() + hint, err.exit_code, debug)
+    except click.exceptions.Abort:
+        return _fail("interrupted", 130, debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, debug)
+    except Exception as err:  # a bug: say so in one line, the traceback is one variable away
+        return _fail(f"internal error: {type(err).__name__}: {err} (set {DEBUG_ENV}=1 for a traceback)",
+                     INTERNAL_ERROR, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    from mlstep.report import scrub
+
+    if debug and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    line = " ".join(scrub(message).split()) or "failed"
+    print(f"mlstep: error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

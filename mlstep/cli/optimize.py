@@ -1,0 +1,195 @@
+"""``mlstep optimize``: wires flags to ``OptimizeOptions`` + ``StepSettings`` and calls ``mlstep.step.run``.
+
+Progress goes to stderr: a live display when stderr is a terminal; when it is not (CI logs, pipes) one
+plain line per finished stage with ``--verbose`` and nothing otherwise, so a failed run in a script
+prints exactly one line (the error). The summary (per-variant fusions, parity, latency) goes to stdout.
+"""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mlstep.optimizer.options import FUSIONS, MODEL_TYPES
+
+ModelType = Enum("ModelType", {name: name for name in MODEL_TYPES}, type=str)
+Fusion = Enum("Fusion", {name: name for name in FUSIONS}, type=str)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+OPT = "Optimizer options"
+STEP = "Step options"
+
+SourceArg = Annotated[str, typer.Argument(
+    metavar="SOURCE", show_default=False,
+    help="A .onnx file or an MLflow model directory (a folder with an MLmodel file). MLflow URIs "
+         "(runs:/..., models:/...) need registry support (coming).")]
+OutputOpt = Annotated[Path, typer.Option(
+    "--output", "-o", metavar="DIR", show_default=False,
+    help="Output folder: DIR/fp32/model.onnx, DIR/fp16/model.onnx, DIR/report.json, DIR/report.md. Written "
+         "to a temporary folder beside it and moved into place at the end; an earlier mlstep output there is "
+         "replaced, any other non-empty folder is refused.")]
+PrecisionOpt = Annotated[Optional[list[Precision]], typer.Option(
+    "--precision", "-p", case_sensitive=False, show_default=False, rich_help_panel=STEP,
+    help="Variant to produce; repeat for several. Default: fp32 and fp16.")]
+SkipValidationOpt = Annotated[bool, typer.Option(
+    "--skip-validation", rich_help_panel=STEP,
+    help="Do not check parity against the source (the parity gate is then 'skipped').")]
+SkipBenchmarkOpt = Annotated[bool, typer.Option(
+    "--skip-benchmark", rich_help_panel=STEP, help="Do not measure latency.")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch-size", min=1, rich_help_panel=STEP,
+    help="Batch of the synthesized inputs used for parity and latency (>= 2 for parity).")]
+SequenceOpt = Annotated[int, typer.Option(
+    "--sequence-length", min=1, rich_help_panel=STEP,
+    help="Sequence length of the synthesized inputs used for parity and latency.")]
+ModelTypeOpt = Annotated[ModelType, typer.Option(
+    "--model-type", case_sensitive=False, rich_help_panel=OPT,
+    help="Model family; 'auto' detects it from the graph.")]
+NumHeadsOpt = Annotated[int, typer.Option(
+    "--num-heads", rich_help_panel=OPT,
+    help="Attention heads; 0 detects from the graph. A value that contradicts the graph is an error.")]
+HiddenSizeOpt = Annotated[int, typer.Option(
+    "--hidden-size", rich_help_panel=OPT,
+    help="Hidden size; 0 detects from the graph. Must be divisible by --num-heads.")]
+InputInt32Opt = Annotated[bool, typer.Option(
+    "--input-int32", rich_help_panel=OPT, help="Make int64 graph inputs int32 (no extra Cast left behind).")]
+UseGpuOpt = Annotated[bool, typer.Option(
+    "--use-gpu", rich_help_panel=OPT,
+    help="Validate and measure on CUDA when it loads (falls back to CPU); GPU-friendly fusion choices.")]
+OptLevelOpt = Annotated[int, typer.Option(
+    "--opt-level", rich_help_panel=OPT,
+    help="ONNX Runtime graph-optimizer pre-pass level: 0 (none), 1, 2 or 99; fusing continues on its output.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", rich_help_panel=OPT,
+    help="Per fusion: what fused, what was refused and why (also in report.md); plain progress when "
+         "stderr is not a terminal.")]
+DisableFusionOpt = Annotated[Optional[list[Fusion]], typer.Option(
+    "--disable-fusion", case_sensitive=False, show_default=False, rich_help_panel=OPT,
+    help="Turn one fusion off; repeat for several.")]
+
+
+def optimize(
+    source: SourceArg,
+    output: OutputOpt,
+    precision: PrecisionOpt = None,
+    skip_validation: SkipValidationOpt = False,
+    skip_benchmark: SkipBenchmarkOpt = False,
+    batch_size: BatchOpt = 2,
+    sequence_length: SequenceOpt = 8,
+    model_type: ModelTypeOpt = ModelType.auto,
+    num_heads: NumHeadsOpt = 0,
+    hidden_size: HiddenSizeOpt = 0,
+    input_int32: InputInt32Opt = False,
+    use_gpu: UseGpuOpt = False,
+    opt_level: OptLevelOpt = 0,
+    verbose: VerboseOpt = False,
+    disable_fusion: DisableFusionOpt = None,
+) -> None:
+    """Fuse SOURCE into ONNX Runtime's fused operators, write fp32/fp16 variants, check parity against the source, measure latency, and write report.json + report.md.
+
+    Exit code 0 when every gate passed, 1 when a gate failed (the outputs and the report are still written), 2 for bad input or usage.
+    """  # noqa: E501 (typer keeps line breaks: one paragraph per line)
+    from mlstep import step
+    from mlstep.optimizer.options import OptimizeOptions
+
+    options = OptimizeOptions(
+        model_type=model_type.value, num_heads=num_heads, hidden_size=hidden_size, input_int32=input_int32,
+        use_gpu=use_gpu, opt_level=opt_level, verbose=verbose,
+        disabled_fusions=frozenset(f.value for f in disable_fusion or ()))
+    settings = step.StepSettings(
+        precisions=tuple(p.value for p in precision) if precision else step.PRECISIONS,
+        validate=not skip_validation, benchmark=not skip_benchmark,
+        batch_size=batch_size, sequence_length=sequence_length)
+    with _progress(verbose) as listener:
+        result = step.run(source, output, options, settings, listener)
+    _print_summary(result, verbose)
+    result.check()
+
+
+# --------------------------------------------------------------------------------------------- display
+
+class _RichProgress:
+    """A spinner for the running stage and a line per finished stage, on stderr (a terminal)."""
+
+    def __init__(self, console):
+        self.console = console
+        self.status = None
+
+    def start(self, stage: str, detail: str = "") -> None:
+        self.status = self.console.status(f"[bold]{stage}[/] {_escape(detail)}", spinner="dots")
+        self.status.start()
+
+    def done(self, stage: str, seconds: float, detail: str = "") -> None:
+        self.stop()
+        self.console.print(f"[green]✓[/] {stage:<9} {seconds:7.2f}s  {_escape(detail)}", highlight=False)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+class _PlainProgress:
+    def start(self, stage: str, detail: str = "") -> None:
+        pass
+
+    def done(self, stage: str, seconds: float, detail: str = "") -> None:
+        print(f"mlstep: {stage}: {detail} ({seconds:.2f}s)", file=sys.stderr, flush=True)
+
+
+class _progress:
+    def __init__(self, verbose: bool):
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.listener = _RichProgress(console) if console.is_terminal else (_PlainProgress() if verbose else None)
+
+    def __enter__(self):
+        return self.listener
+
+    def __exit__(self, *exc) -> None:
+        if isinstance(self.listener, _RichProgress):
+            self.listener.stop()
+
+
+def _print_summary(result, verbose: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mlstep.report import fusion_table, summary_table
+
+    console = Console(highlight=False)
+    report = result.report
+    if verbose:
+        for entry in result.fusion_log:
+            console.print(f"{entry.name}: fused {entry.fused}", markup=False)
+            for reason in entry.refused:
+                console.print(f"  refused: {reason}", markup=False)
+    if result.no_fusions:
+        console.print("no fusions applied (run with --verbose for the reasons)" if not verbose
+                      else "no fusions applied", markup=False)
+    else:
+        console.print(_table(Table(title="fused ops"), *fusion_table(report)))
+    console.print(_table(Table(title=f"mlstep optimize -> {result.output_dir}"), *summary_table(report)))
+
+
+def _table(table, header, rows):
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,106 @@
+"""Detect the model family, hidden size and number of heads from the graph itself.
+
+Cases handled: hidden size from the square projection weights (BERT's Q/K/V/O, GPT-2's c_proj), else the
+LayerNorm scale length; head size from the reshape that splits heads (a constant shape or a Concat of
+pieces ending in ``[num_heads, head_size]``); model type from the producer (tf2onnx) and weight names
+(GPT-2's ``c_attn``). An explicit option that contradicts the graph is an error, not a silent override.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from mlstep.errors import UsageError
+from mlstep.optimizer.fusions._base import const_array
+from mlstep.optimizer.options import OptimizeOptions
+
+
+@dataclass(frozen=True)
+class Detected:
+    model_type: str
+    num_heads: int
+    hidden_size: int
+
+
+def detect(model: ir.Model, options: OptimizeOptions) -> Detected:
+    hidden = _hidden_size(model)
+    heads = _num_heads(model, hidden)
+    if options.hidden_size:
+        if hidden and options.hidden_size != hidden:
+            raise UsageError(f"hidden_size {options.hidden_size} contradicts the graph (hidden size {hidden})")
+        hidden = options.hidden_size
+    if options.num_heads:
+        if hidden and hidden % options.num_heads:
+            raise UsageError(f"num_heads {options.num_heads} does not divide hidden_size {hidden}")
+        if heads and options.num_heads != heads:
+            raise UsageError(f"num_heads {options.num_heads} contradicts the graph ({heads} heads of size "
+                             f"{hidden // heads})")
+        heads = options.num_heads
+    model_type = options.model_type if options.model_type != "auto" else _model_type(model)
+    return Detected(model_type, heads, hidden)
+
+
+def _model_type(model: ir.Model) -> str:
+    producer = (model.producer_name or "").lower()
+    names = " ".join(model.graph.initializers) + " " + " ".join(n.name or "" for n in model.graph)
+    if "tf2onnx" in producer or "keras" in producer:
+        return "bert_keras" if "keras" in producer or "keras" in names.lower() else "bert_tf"
+    if any(v.name.startswith("past") for v in model.graph.inputs) or "c_attn" in names or ".h.0." in names:
+        return "gpt2"
+    return "bert"
+
+
+def _hidden_size(model: ir.Model) -> int:
+    square = Counter()
+    for value in model.graph.initializers.values():
+        shape = value.shape
+        if shape is not None and len(shape) == 2 and shape[0] == shape[1] and isinstance(shape[0], int) \
+                and shape[0] >= 8 and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            square[shape[0]] += 1
+    if square:
+        return square.most_common(1)[0][0]
+    scales = Counter()
+    for node in model.graph:
+        if node.op_type in ("LayerNormalization", "SkipLayerNormalization") and len(node.inputs) > 1:
+            shape = node.inputs[1].shape if node.inputs[1] is not None else None
+            if shape is not None and len(shape) == 1 and isinstance(shape[0], int):
+                scales[shape[0]] += 1
+    return scales.most_common(1)[0][0] if scales else 0
+
+
+def _num_heads(model: ir.Model, hidden: int) -> int:
+    """Count (heads, head_size) pairs ending the head-splitting reshapes; the most common wins."""
+    if not hidden:
+        return 0
+    votes = Counter()
+    for node in model.graph:
+        if node.op_type in ("Attention", "MultiHeadAttention") and "num_heads" in node.attributes:
+            votes[node.attributes.get_int("num_heads")] += 10
+        if node.op_type != "Reshape" or node.inputs[1] is None:
+            continue
+        tail = _shape_tail(node.inputs[1])
+        if len(tail) < 2 or tail[-1] is None or tail[-1] <= 0 or tail[-1] >= hidden or hidden % tail[-1]:
+            continue
+        heads = hidden // tail[-1]
+        if tail[-2] in (heads, -1) and heads > 1:
+            votes[heads] += 1
+    return votes.most_common(1)[0][0] if votes else 0
+
+
+def _shape_tail(shape: ir.Value) -> list[int | None]:
+    arr = const_array(shape)
+    if arr is not None:
+        return [int(x) for x in arr.reshape(-1)][-2:] if arr.size == 4 else []
+    node = shape.producer()
+    if node is None or node.op_type != "Concat":
+        return []
+    pieces: list[int | None] = []
+    for inp in node.inputs:
+        arr = const_array(inp)
+        if arr is None:
+            pieces.append(None)
+        else:
+            pieces += [int(x) for x in arr.reshape(-1)]
+    return pieces[-2:] if len(pieces) == 4 else []

@@ -1,0 +1,112 @@
+"""Whole-graph passes around the fusions: normalisation before, int32 inputs and counting after."""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from mlstep.optimizer.fusions._base import MS_DOMAIN
+
+FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
+             "LayerNormalization", "BiasGelu", "Gelu", "FastGelu", "SkipSimplifiedLayerNormalization")
+
+
+def prepare(model: ir.Model) -> ir.Model:
+    """Normalise exporter noise so that patterns see one form.
+
+    Handles: Identity chains (TorchScript re-exports shared weights through Identity), Constant nodes
+    (lifted into initializers so that checks read them uniformly), shape arithmetic that folds to a
+    constant, dead nodes.
+    """
+    from onnxscript.optimizer import fold_constants_ir
+
+    from mlstep.optimizer.shapes import rebase_shapes
+
+    common.IdentityEliminationPass()(model)
+    for _ in range(4):
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        fold_constants_ir(model, onnx_shape_inference=False, input_size_limit=1024, output_size_limit=1024)
+        common.RemoveUnusedNodesPass()(model)
+        if not rebase_shapes(model):
+            break
+    return model
+
+
+def ort_prepass(model: ir.Model, level: int, use_gpu: bool, source_dir: Path | None) -> ir.Model:
+    """Run ONNX Runtime's own graph optimizer at ``level`` first; fusing continues on its output."""
+    import onnxruntime as ort
+
+    levels = {1: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, 2: ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              99: ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    with tempfile.TemporaryDirectory(prefix="mlstep-prepass-") as tmp:
+        src = Path(tmp) / "in.onnx"
+        dst = Path(tmp) / "out.onnx"
+        ir.save(model, src, external_data="in.onnx.data")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = levels[level]
+        so.optimized_model_filepath = str(dst)
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu else ["CPUExecutionProvider"]
+        ort.InferenceSession(str(src), so, providers=providers)
+        result = ir.load(dst)
+        # Materialise weights before the temporary folder goes away.
+        for value in result.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value = ir.tensor(value.const_value.numpy(), name=value.name)
+    return result
+
+
+def input_int32(model: ir.Model) -> ir.Model:
+    """int64 graph inputs become int32.
+
+    Consumers that take int32 as they are (Gather indices, Shape, Cast, the com.microsoft fused ops' id
+    and mask inputs) read the new input directly; any other consumer reads one shared Cast to int64.
+    Cast(x -> int32) nodes on the input become no-ops and are removed, so no extra Cast is left behind.
+    """
+    graph = model.graph
+    for value in list(graph.inputs):
+        if value.dtype != ir.DataType.INT64:
+            continue
+        value.dtype = ir.DataType.INT32
+        widened: ir.Value | None = None
+        for node, index in list(value.uses()):
+            if _takes_int32(node, index):
+                if node.op_type == "Cast" and node.domain == "" and node.attributes.get_int("to") == ir.DataType.INT32:
+                    ir.convenience.replace_all_uses_with(node.outputs[0], value)
+                continue
+            if widened is None:
+                cast = ir.node("Cast", [value], attributes={"to": ir.DataType.INT64}, name=f"{value.name}_int64")
+                graph.insert_before(_first_user(graph, value), cast)
+                widened = cast.outputs[0]
+                widened.name = f"{value.name}_int64"
+                widened.dtype = ir.DataType.INT64
+                widened.shape = value.shape
+            node.replace_input_with(index, widened)
+    common.RemoveUnusedNodesPass()(model)
+    return model
+
+
+def _takes_int32(node: ir.Node, index: int) -> bool:
+    if node.domain == MS_DOMAIN:
+        return True
+    if node.op_type in ("Shape", "Cast", "Size"):
+        return True
+    return node.op_type == "Gather" and index == 1
+
+
+def _first_user(graph: ir.Graph, value: ir.Value) -> ir.Node:
+    users = {id(n) for n, _ in value.uses()}
+    for node in graph:
+        if id(node) in users:
+            return node
+    raise ValueError(f"{value.name} has no users")
+
+
+def count_fused_ops(model: ir.Model) -> dict[str, int]:
+    counts = Counter(node.op_type for node in model.graph if node.op_type in FUSED_OPS
+                     and (node.domain == MS_DOMAIN or node.op_type == "LayerNormalization"))
+    return dict(sorted(counts.items()))

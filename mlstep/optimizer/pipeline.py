@@ -1,0 +1,76 @@
+"""The optimizer pipeline, readable as a list: each step takes the model and returns it (in place)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from mlstep.errors import UsageError
+from mlstep.optimizer import io
+from mlstep.optimizer.detect import Detected, detect
+from mlstep.optimizer.fusions import FUSION_ORDER
+from mlstep.optimizer.fusions._base import MS_DOMAIN, FusionContext, FusionLog, run_fusion
+from mlstep.optimizer.options import OptimizeOptions
+from mlstep.optimizer.passes import input_int32, ort_prepass, prepare, count_fused_ops
+
+
+@dataclass
+class OptimizeResult:
+    model: ir.Model
+    detected: Detected
+    fusions: dict[str, int]                 # fused op type -> count in the result
+    log: list[FusionLog] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def model_type(self) -> str:
+        return self.detected.model_type
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"{entry.name}: fused {entry.fused}" for entry in self.log]
+        for entry in self.log:
+            lines += [f"  refused: {reason}" for reason in entry.refused]
+        return lines
+
+
+def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), source_dir: Path | None = None,
+             ) -> OptimizeResult:
+    """Fuse ``model`` in place and return it with what was detected and fused."""
+    start = time.perf_counter()
+    options.validate()
+    if options.opt_level:
+        model = ort_prepass(model, options.opt_level, options.use_gpu, source_dir)
+    prepare(model)
+    detected = detect(model, options)
+    ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu)
+    log = []
+    for fusion in FUSION_ORDER:
+        if fusion.name in options.disabled_fusions:
+            log.append(FusionLog(fusion.name, refused=["disabled by option"]))
+            continue
+        log.append(run_fusion(fusion, model, ctx, explain=options.verbose))
+    if options.input_int32:
+        input_int32(model)
+    _cleanup(model)
+    return OptimizeResult(model, detected, count_fused_ops(model), log, time.perf_counter() - start)
+
+
+def optimize_file(path: str | Path, options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
+    path = Path(path)
+    return optimize(io.load(path), options, source_dir=path.parent)
+
+
+def _cleanup(model: ir.Model) -> None:
+    if any(node.domain == MS_DOMAIN for node in model.graph):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    for pass_ in (common.RemoveUnusedNodesPass(), common.CommonSubexpressionEliminationPass(),
+                  common.RemoveUnusedNodesPass(), common.TopologicalSortPass(), common.RemoveUnusedOpsetsPass()):
+        pass_(model)
+    if any(node.domain == MS_DOMAIN for node in model.graph):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+
+
+__all__ = ["OptimizeResult", "optimize", "optimize_file", "UsageError"]

@@ -1,0 +1,261 @@
+"""Rebase shape computations onto the graph inputs.
+
+Exporters read sizes off intermediate tensors (``Shape(q)`` to rebuild a head reshape, ``Shape(hidden)``
+to size a mask). Those reads keep intermediates alive and pin subgraphs that a fusion wants to replace.
+This pass tracks, for every value, each dimension as an integer or as "dimension j of graph input X"
+(a tiny symbolic shape inference over the ops transformer exports use), and rewrites every ``Shape(v)``
+whose dimensions are all known into ``Shape``-slices of graph inputs and constants. Unknown stays as is.
+
+Cases handled: elementwise ops with broadcasting, Cast and unary math, LayerNormalization, Softmax,
+Gather, MatMul, Transpose, Unsqueeze/Squeeze, Reshape and Expand with shapes built from Shape/Gather/
+Unsqueeze/Concat/constants, Range(0, n, 1), ConstantOfShape.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import onnx_ir as ir
+
+from mlstep.optimizer.fusions._base import const_array
+
+Dim = Union[int, str, None]   # a size, a symbolic dimension's name, or unknown
+Dims = Optional[list[Dim]]
+
+_SAME_SHAPE = {"Cast", "Erf", "Tanh", "Sqrt", "Relu", "Softmax", "LayerNormalization", "IsNaN", "Not", "Neg",
+               "Identity", "Dropout", "Reciprocal", "Exp", "Log", "Sigmoid", "Abs", "CastLike", "Gelu",
+               "FastGelu", "BiasGelu", "SkipLayerNormalization", "Attention"}
+_BROADCAST = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Greater", "Less", "GreaterOrEqual",
+              "LessOrEqual", "Max", "Min", "Pow", "Xor", "Mod"}
+
+
+def rebase_shapes(model: ir.Model) -> int:
+    graph = model.graph
+    dims: dict[int, Dims] = {}        # id(value) -> dims
+    vals: dict[int, list[Dim]] = {}   # id(value) -> symbolic content of a small 1-D int tensor
+    where: dict[str, tuple[ir.Value, int]] = {}     # symbolic name -> (graph input, axis) that carries it
+    for inp in graph.inputs:
+        if inp.shape is not None:
+            names = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}") for j, d in enumerate(inp.shape)]
+            dims[id(inp)] = names
+            for j, name in enumerate(names):
+                if isinstance(name, str):
+                    where.setdefault(name, (inp, j))
+    rewritten = 0
+    for node in list(graph):
+        _infer(node, dims, vals)
+        if node.op_type == "Shape" and node.domain == "":
+            src = node.inputs[0]
+            if src in graph.inputs:
+                continue
+            content = vals.get(id(node.outputs[0]))
+            if content is None or any(d is None for d in content):
+                continue
+            replacement, created = _materialise(graph, node, content, where)
+            for new in created:
+                _infer(new, dims, vals)
+            ir.convenience.replace_all_uses_with(node.outputs[0], replacement)
+            rewritten += 1
+    return rewritten
+
+
+def _materialise(graph: ir.Graph, before: ir.Node, content: list[Dim], where):
+    pieces, created = [], []
+    for d in content:
+        if isinstance(d, int):
+            tensor = ir.tensor(np.array([d], dtype=np.int64))
+            c = ir.node("Constant", [], attributes={"value": tensor})
+            c.outputs[0].const_value = tensor
+            graph.insert_before(before, c)
+            created.append(c)
+            pieces.append(c.outputs[0])
+        else:
+            inp, axis = where[d]
+            s = ir.node("Shape", [inp], attributes={"start": axis, "end": axis + 1})
+            graph.insert_before(before, s)
+            created.append(s)
+            pieces.append(s.outputs[0])
+    if len(pieces) == 1:
+        return pieces[0], created
+    cat = ir.node("Concat", pieces, attributes={"axis": 0})
+    graph.insert_before(before, cat)
+    return cat.outputs[0], created + [cat]
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    arr = const_array(value)
+    if arr is None or arr.dtype.kind not in "iu" or arr.ndim > 1:
+        return None
+    return [int(x) for x in arr.reshape(-1)]
+
+
+def _content(value: ir.Value | None, vals) -> list[Dim] | None:
+    if value is None:
+        return None
+    ints = _const_ints(value)
+    return ints if ints is not None else vals.get(id(value))
+
+
+def _broadcast(all_dims: list[Dims]) -> Dims:
+    if any(d is None for d in all_dims):
+        return None
+    rank = max(len(d) for d in all_dims)
+    out: list[Dim] = []
+    for i in range(rank):
+        cands = [d[len(d) - rank + i] for d in all_dims if len(d) - rank + i >= 0]
+        known = [c for c in cands if c != 1]
+        if not known:
+            out.append(1)
+        elif any(c is None for c in known):
+            out.append(None)
+        else:
+            ints = [c for c in known if isinstance(c, int)]
+            out.append(ints[0] if ints else known[0])
+    return out
+
+
+def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a table of small cases
+    op = node.op_type
+    ins = node.inputs
+    d = [dims.get(id(v)) if v is not None else None for v in ins]
+    for v in ins:  # constants know their shape
+        if v is not None and id(v) not in dims and v.const_value is not None:
+            dims[id(v)] = list(v.const_value.shape)
+    d = [dims.get(id(v)) if v is not None else None for v in ins]
+    out: Dims = None
+    attr = node.attributes
+    if node.domain not in ("", "ai.onnx"):
+        out = d[0] if op in _SAME_SHAPE and d else None
+    elif op in _SAME_SHAPE:
+        out = d[0]
+        if op == "Cast" and _content(ins[0], vals) is not None:
+            vals[id(node.outputs[0])] = _content(ins[0], vals)
+    elif op in _BROADCAST:
+        out = _broadcast([x for x in d])
+        if op == "Where":  # Where(Equal(x, -1s), 1s, x) on a shape vector whose entries are all sizes: x
+            cond = ins[0].producer() if ins[0] is not None else None
+            content = _content(ins[2], vals)
+            ones = ins[1].producer() if ins[1] is not None else None
+            if cond is not None and cond.op_type == "Equal" and cond.inputs[0] is ins[2] and content is not None \
+                    and all(c is not None for c in content):
+                if all(c != -1 for c in content):
+                    vals[id(node.outputs[0])] = content
+                elif ones is not None and ones.op_type == "ConstantOfShape" and \
+                        const_array_attr(ones) == 1:
+                    vals[id(node.outputs[0])] = [1 if c == -1 else c for c in content]
+    elif op == "Gather" and d[0] is not None and d[1] is not None:
+        axis = attr.get_int("axis", 0) % len(d[0])
+        out = d[0][:axis] + d[1] + d[0][axis + 1:]
+        content = _content(ins[0], vals)
+        idx = _const_ints(ins[1])
+        if content is not None and idx is not None and len(idx) == 1:
+            vals[id(node.outputs[0])] = [content[idx[0]]]
+    elif op == "MatMul" and d[0] is not None and d[1] is not None and len(d[0]) >= 2 and len(d[1]) >= 2:
+        batch = _broadcast([d[0][:-2], d[1][:-2]]) if (d[0][:-2] or d[1][:-2]) else []
+        out = None if batch is None else batch + [d[0][-2], d[1][-1]]
+    elif op == "Transpose" and d[0] is not None:
+        perm = attr.get_ints("perm", list(reversed(range(len(d[0])))))
+        out = [d[0][p] for p in perm]
+    elif op in ("Unsqueeze", "Squeeze") and d[0] is not None:
+        axes = _const_ints(ins[1]) if len(ins) > 1 else list(attr.get_ints("axes", []))
+        if axes is not None:
+            if op == "Unsqueeze":
+                rank = len(d[0]) + len(axes)
+                axes = sorted(a % rank for a in axes)
+                out = list(d[0])
+                for a in axes:
+                    out.insert(a, 1)
+            else:
+                rank = len(d[0])
+                axes = {a % rank for a in axes} if axes else {i for i, x in enumerate(d[0]) if x == 1}
+                out = [x for i, x in enumerate(d[0]) if i not in axes]
+            content = _content(ins[0], vals)
+            if content is not None and len(content) == 1:
+                vals[id(node.outputs[0])] = content
+    elif op == "Shape" and d[0] is not None:
+        rank = len(d[0])
+        start = attr.get_int("start", 0)
+        end = attr.get_int("end", rank)
+        content = d[0][slice(start, end)]
+        vals[id(node.outputs[0])] = content
+        out = [len(content)]
+    elif op == "Concat":
+        contents = [_content(v, vals) for v in ins]
+        if all(c is not None for c in contents):
+            vals[id(node.outputs[0])] = [x for c in contents for x in c]
+        if all(x is not None for x in d):
+            axis = attr.get_int("axis", 0) % len(d[0])
+            total = [x[axis] for x in d]
+            out = list(d[0])
+            out[axis] = sum(total) if all(isinstance(t, int) for t in total) else None
+    elif op in ("Reshape", "Expand", "ConstantOfShape"):
+        shape_in = ins[0] if op == "ConstantOfShape" else ins[1]
+        content = _content(shape_in, vals)
+        if op == "Reshape" and _const_ints(ins[1]) == [-1] and _content(ins[0], vals) is not None:
+            vals[id(node.outputs[0])] = _content(ins[0], vals)
+        if content is not None:
+            if op == "Reshape":
+                src = d[0] or []
+                allowzero = attr.get_int("allowzero", 0)
+                out = [(src[i] if i < len(src) else None) if (c == 0 and not allowzero) else
+                       (None if c == -1 else c) for i, c in enumerate(content)]
+                if content.count(-1) == 1 and d[0] is not None:
+                    out[content.index(-1)] = _solve_minus_one(d[0], [x for x in out if x is not None])
+            elif op == "Expand":
+                out = _broadcast([d[0], content])
+            else:
+                out = list(content)
+    elif op in ("ReduceMean", "ReduceSum", "ReduceMax") and d[0] is not None:
+        axes = _const_ints(ins[1]) if len(ins) > 1 else list(attr.get_ints("axes", []))
+        if axes and attr.get_int("keepdims", 1):
+            rank = len(d[0])
+            red = {a % rank for a in axes}
+            out = [1 if i in red else x for i, x in enumerate(d[0])]
+    elif op == "Slice" and d[0] is not None:
+        starts, axes = _const_ints(ins[1]), _const_ints(ins[3]) if len(ins) > 3 else None
+        steps = _const_ints(ins[4]) if len(ins) > 4 and ins[4] is not None else None
+        ends = _content(ins[2], vals)
+        rank = len(d[0])
+        axes = axes if axes is not None else list(range(len(starts or [])))
+        if starts is not None and ends is not None and (steps is None or all(x == 1 for x in steps)):
+            out = list(d[0])
+            for a, st, en in zip(axes, starts, ends):
+                if st != 0 or en is None:
+                    out = None
+                    break
+                if isinstance(en, int) and en >= 2**31:
+                    continue
+                out[a % rank] = en if not (isinstance(en, int) and isinstance(out[a % rank], int)) \
+                    else min(en, out[a % rank])
+    elif op == "Range":
+        start, delta = _const_ints(ins[0]), _const_ints(ins[2])
+        limit = _content(ins[1], vals)
+        if start == [0] and delta == [1] and limit is not None and len(limit) == 1:
+            out = [limit[0]]
+    if out is not None and node.outputs:
+        dims[id(node.outputs[0])] = out
+
+
+def _solve_minus_one(src: list[Dim], known: list[Dim]) -> Dim:
+    """The -1 of a reshape: cancel equal symbolic dims, then divide the remaining integer products."""
+    if any(x is None for x in src):
+        return None
+    rest = list(src)
+    for k in known:
+        if not isinstance(k, int):
+            if k not in rest:
+                return None
+            rest.remove(k)
+    if any(not isinstance(x, int) for x in rest):
+        return None
+    num = int(np.prod(rest)) if rest else 1
+    den = int(np.prod([k for k in known if isinstance(k, int)])) if known else 1
+    return num // den if den and num % den == 0 else None
+
+
+def const_array_attr(node: ir.Node) -> float | None:
+    attr = node.attributes.get("value")
+    if attr is None:
+        return 0.0
+    arr = attr.value.numpy().reshape(-1)
+    return float(arr[0]) if arr.size == 1 else None

@@ -1,0 +1,171 @@
+"""Synthesize feeds from a graph's signature: ids inside the vocabulary, masks padded right and left.
+
+Inputs are recognised by name and dtype:
+- past tensors: the name starts with ``past`` -> random normal in the input's dtype;
+- attention mask: the name contains ``mask`` -> 1 for attended tokens, 0 for padding, in the input's dtype
+  (int64, int32, float, bool); with past inputs it spans ``past_sequence + sequence``;
+- token types: ``token_type_ids`` / ``segment_ids`` (or names containing them) -> 0/1 within their table;
+- positions: the name contains ``position`` -> arange, counted from the first real token under left padding;
+- ids: ``input_ids`` or any other integer input -> uniform in ``[0, vocab)`` where vocab is the first dim of
+  the table a Gather (possibly behind a Cast) or an EmbedLayerNormalization indexes with it (default 100);
+- any other float input -> random normal.
+Symbolic dims take the value of the same symbol elsewhere, else a value by role and position
+(batch first, sequence second, past sequence second to last in past tensors); static dims are kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+DEFAULT_VOCAB = 100
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class Case:
+    name: str
+    feeds: dict[str, np.ndarray]
+
+
+def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: int = 0,
+                      past_sequence: int = 0) -> list[Case]:
+    """Cases "no-padding", "right-padded" and "left-padded" for the model's graph inputs."""
+    inputs = [v for v in model.graph.inputs if not v.is_initializer()]
+    roles = {v.name: _role(v) for v in inputs}
+    has_past = any(r == "past" for r in roles.values())
+    symbols: dict[str, int] = {}
+    # Static dims of the token inputs override the requested batch/sequence.
+    for v in inputs:
+        if roles[v.name] in ("ids", "token_type", "position") and v.shape is not None and len(v.shape) >= 2:
+            if isinstance(v.shape[0], int):
+                batch = v.shape[0]
+            if isinstance(v.shape[1], int):
+                sequence = v.shape[1]
+    for v in inputs:
+        if roles[v.name] == "mask" and v.shape is not None and len(v.shape) >= 2:
+            if isinstance(v.shape[0], int):
+                batch = v.shape[0]
+            if isinstance(v.shape[-1], int) and has_past:
+                past_sequence = max(0, v.shape[-1] - sequence)
+            elif isinstance(v.shape[-1], int):
+                sequence = v.shape[-1]
+    total = past_sequence + sequence
+
+    def shape_of(v: ir.Value, role: str) -> tuple[int, ...]:
+        dims = list(v.shape) if v.shape is not None else ([batch, sequence] if role != "past" else [])
+        out = []
+        for i, d in enumerate(dims):
+            if isinstance(d, int):
+                out.append(d)
+                continue
+            name = getattr(d, "value", None)
+            if name is not None and name in symbols:
+                out.append(symbols[name])
+                continue
+            if role == "past":
+                size = past_sequence if (i == len(dims) - 2 or "past" in str(name)) else (
+                    batch if i <= 1 and batch not in out else 1)
+            elif i == 0:
+                size = batch
+            elif i == 1:
+                size = total if (role == "mask" and has_past) else sequence
+            else:
+                size = 1
+            if name is not None:
+                symbols[name] = size
+            out.append(size)
+        return tuple(out)
+
+    # Token inputs first so their symbols (batch, sequence) are named before past tensors use them.
+    order = sorted(inputs, key=lambda v: roles[v.name] in ("past", "float"))
+    shapes = {v.name: shape_of(v, roles[v.name]) for v in order}
+    lengths = [total] + [max(1, total - (i * total) // max(batch, 2)) for i in range(1, batch)]
+
+    cases = []
+    for case_name, padding in (("no-padding", None), ("right-padded", "right"), ("left-padded", "left")):
+        rng = np.random.default_rng(seed)
+        rows = [total] * batch if padding is None else lengths
+        if padding is not None and batch == 1:
+            rows = [max(1, total // 2)]
+        attended = np.zeros((batch, total), dtype=bool)
+        for r, n in enumerate(rows):
+            if padding == "left":
+                attended[r, total - n:] = True
+            else:
+                attended[r, :n] = True
+        feeds = {}
+        for v in inputs:
+            role, shape = roles[v.name], shapes[v.name]
+            dtype = _np_dtype(v)
+            if role == "mask":
+                feeds[v.name] = _fit(attended, shape).astype(dtype)
+            elif role == "ids":
+                feeds[v.name] = rng.integers(0, _table_rows(v, DEFAULT_VOCAB), size=shape).astype(dtype)
+            elif role == "token_type":
+                feeds[v.name] = rng.integers(0, min(2, _table_rows(v, 2)), size=shape).astype(dtype)
+            elif role == "position":
+                first = np.argmax(attended, axis=1)[:, None] if padding == "left" else 0
+                pos = np.clip(np.arange(total)[None, :] - first, 0, None)[:, past_sequence:]
+                feeds[v.name] = _fit(np.broadcast_to(pos, (batch, sequence)), shape).astype(dtype)
+            elif np.issubdtype(dtype, np.integer):
+                feeds[v.name] = rng.integers(0, DEFAULT_VOCAB, size=shape).astype(dtype)
+            elif dtype == np.bool_:
+                feeds[v.name] = np.ones(shape, dtype=bool)
+            else:
+                feeds[v.name] = rng.standard_normal(shape).astype(dtype)
+        cases.append(Case(case_name, feeds))
+    return cases
+
+
+def _role(value: ir.Value) -> str:
+    name = (value.name or "").lower()
+    dtype = value.dtype
+    if name.startswith("past"):
+        return "past"
+    if "mask" in name:
+        return "mask"
+    if "token_type" in name or "segment" in name:
+        return "token_type"
+    if "position" in name:
+        return "position"
+    if name == "input_ids" or (dtype is not None and dtype.is_integer()):
+        return "ids"
+    return "float"
+
+
+def _np_dtype(value: ir.Value) -> np.dtype:
+    return np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.int64)
+
+
+def _fit(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A [batch, length] array fitted to the input's shape (extra leading dims broadcast)."""
+    if array.shape == tuple(shape):
+        return array
+    if len(shape) == 2:
+        return array[: shape[0], -shape[1]:] if shape[1] <= array.shape[1] else np.resize(array, shape)
+    return np.broadcast_to(array.reshape((array.shape[0],) + (1,) * (len(shape) - 2) + (array.shape[1],)),
+                           shape).copy()
+
+
+def _table_rows(value: ir.Value, default: int) -> int:
+    """Rows of the embedding table this index input selects from (through Casts), else ``default``."""
+    frontier, seen = [value], set()
+    while frontier:
+        v = frontier.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for node, index in v.uses():
+            table = None
+            if node.op_type == "Cast":
+                frontier.extend(node.outputs)
+            elif node.op_type == "Gather" and index == 1:
+                table = node.inputs[0]
+            elif node.op_type == "EmbedLayerNormalization" and node.domain == MS_DOMAIN and index in (0, 1):
+                table = node.inputs[2 if index == 0 else 4] if len(node.inputs) > (2 if index == 0 else 4) else None
+            if table is not None and table.shape is not None and len(table.shape) >= 1 \
+                    and isinstance(table.shape[0], int) and table.const_value is not None:
+                return int(table.shape[0])
+    return default
