@@ -166,7 +166,7 @@ class _Converter:
         if value.const_value is not None and value.is_initializer():
             value.const_value = ir.tensor(fp16_array(value.const_value.numpy()), name=value.name)
         if value.dtype is not None:
-            value.dtype = FLOAT16
+            value.type = ir.TensorType(FLOAT16)  # a new type: clone() shares type objects with the input
         else:
             self.inferred[value] = FLOAT16
 

@@ -19,7 +19,6 @@ import traceback
 from collections.abc import Sequence
 from typing import Annotated
 
-import click
 import typer
 
 from mlstep import __version__
@@ -85,15 +84,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except MlstepError as err:
         return _fail(str(err), err.exit_code, debug)
-    except click.exceptions.NoArgsIsHelpError as err:
-        click.echo(err.ctx.get_help() if err.ctx else "")     # help on stdout, usage exit code (2)
-        return err.exit_code
-    except click.ClickException as err:
-        hint = ""
-        if isinstance(err, click.UsageError) and err.ctx is not None:
-            hint = f" (see '{err.ctx.command_path} --help')"
+    except typer.TyperException as err:     # typer's (vendored click) usage and parameter errors
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())       # help on stdout, usage exit code (2)
+            return err.exit_code
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         return _fail(err.format_message() + hint, err.exit_code, debug)
-    except click.exceptions.Abort:
+    except typer.Abort:
         return _fail("interrupted", 130, debug)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, debug)

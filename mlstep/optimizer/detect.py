@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from mlstep.errors import UsageError
-from mlstep.optimizer.fusions._base import const_array
+from mlstep.optimizer.fusions._base import shape_tail
 from mlstep.optimizer.options import OptimizeOptions
 
 
@@ -80,27 +80,10 @@ def _num_heads(model: ir.Model, hidden: int) -> int:
             votes[node.attributes.get_int("num_heads")] += 10
         if node.op_type != "Reshape" or node.inputs[1] is None:
             continue
-        tail = _shape_tail(node.inputs[1])
+        tail = shape_tail(node.inputs[1])
         if len(tail) < 2 or tail[-1] is None or tail[-1] <= 0 or tail[-1] >= hidden or hidden % tail[-1]:
             continue
         heads = hidden // tail[-1]
         if tail[-2] in (heads, -1) and heads > 1:
             votes[heads] += 1
     return votes.most_common(1)[0][0] if votes else 0
-
-
-def _shape_tail(shape: ir.Value) -> list[int | None]:
-    arr = const_array(shape)
-    if arr is not None:
-        return [int(x) for x in arr.reshape(-1)][-2:] if arr.size == 4 else []
-    node = shape.producer()
-    if node is None or node.op_type != "Concat":
-        return []
-    pieces: list[int | None] = []
-    for inp in node.inputs:
-        arr = const_array(inp)
-        if arr is None:
-            pieces.append(None)
-        else:
-            pieces += [int(x) for x in arr.reshape(-1)]
-    return pieces[-2:] if len(pieces) == 4 else []

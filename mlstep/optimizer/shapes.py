@@ -70,11 +70,16 @@ def _materialise(graph: ir.Graph, before: ir.Node, content: list[Dim], where):
             created.append(c)
             pieces.append(c.outputs[0])
         else:
-            inp, axis = where[d]
-            s = ir.node("Shape", [inp], attributes={"start": axis, "end": axis + 1})
-            graph.insert_before(before, s)
-            created.append(s)
-            pieces.append(s.outputs[0])
+            inp, axis = where[d]   # Shape + Gather rather than Shape(start, end): valid below opset 15 too
+            index = ir.tensor(np.array([axis], dtype=np.int64))
+            s = ir.node("Shape", [inp])
+            c = ir.node("Constant", [], attributes={"value": index})
+            c.outputs[0].const_value = index
+            g = ir.node("Gather", [s.outputs[0], c.outputs[0]], attributes={"axis": 0})
+            for new in (s, c, g):
+                graph.insert_before(before, new)
+                created.append(new)
+            pieces.append(g.outputs[0])
     if len(pieces) == 1:
         return pieces[0], created
     cat = ir.node("Concat", pieces, attributes={"axis": 0})

@@ -103,3 +103,21 @@ def vector_of(value: ir.Value | None, length: int | None = None) -> np.ndarray |
     if arr.ndim != 1 or (length is not None and arr.shape[0] != length):
         return None
     return arr
+
+
+def shape_tail(shape: ir.Value) -> list[int | None]:
+    """The last two entries of a 4-element reshape target (constant or Concat of pieces); None = unknown."""
+    arr = const_array(shape)
+    if arr is not None:
+        return [int(x) for x in arr.reshape(-1)][-2:] if arr.size == 4 else []
+    node = shape.producer()
+    if node is None or node.op_type != "Concat":
+        return []
+    pieces: list[int | None] = []
+    for inp in node.inputs:
+        arr = const_array(inp)
+        if arr is None:
+            pieces.append(None)
+        else:
+            pieces += [int(x) for x in arr.reshape(-1)]
+    return pieces[-2:] if len(pieces) == 4 else []

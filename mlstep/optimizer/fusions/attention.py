@@ -1,3 +1,152 @@
-from mlstep.optimizer.fusions._base import Fusion
+"""Encoder self-attention (BERT, DistilBERT, RoBERTa, ALBERT) -> com.microsoft Attention.
 
-FUSION = Fusion("attention", lambda ctx: [])  # being written
+    Q = split(x Wq + bq); K = split(x Wk + bk); V = split(x Wv + bv)          split: [B,S,H] -> [B,N,S,d]
+    out = merge(softmax(Q K^T * scale + mask_bias) V)                          merge: [B,N,S,d] -> [B,S,H]
+    ==> Attention(x, [Wq|Wk|Wv], [bq|bk|bv], int32(mask), num_heads=N, scale=scale)
+
+Layouts matched (one pattern, alternatives as OrValue):
+  * K^T as Transpose(0,2,3,1) of the split (TorchScript), Transpose(0,1,3,2) of Q-style split, or the
+    dynamo Reshape -> Transpose(0,2,1) -> Reshape form;
+  * the scale as Div/Mul on the scores (eager) or a Mul on Q and K each (sdpa's sqrt split);
+  * the mask bias Add (either operand order) or none; sdpa's IsNaN -> Where(0) guard after Softmax.
+The mask is fed raw (2-D, int32) so that any padding, left or right, gives the original's output. The mask
+bias is *probed* (see probe.py): whatever ops built it, it must equal a padding mask of one 2-D input.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar,
+                                             last_axis, shape_tail)
+from mlstep.optimizer.probe import padding_mask_source
+
+
+def _linear(op, x, w, b):
+    mm = op.MatMul(x, w)
+    return pattern.OrValue([op.Add(mm, b), op.Add(b, mm)])
+
+
+def _split(op, projected, shape):
+    return op.Transpose(op.Reshape(projected, shape), perm=[0, 2, 1, 3])
+
+
+class EncoderAttention(pattern.RewriteRuleClassBase):
+    def __init__(self, ctx: FusionContext):
+        super().__init__("EncoderAttention", remove_nodes=True)
+        self._ctx = ctx
+        self._mask_memo: dict[str, tuple[ir.Value | None, str]] = {}   # per-run memo of mask probes
+
+    def pattern(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, k_shape, v_shape, mask_bias,
+                q_scale, k_scale, s_scale, zero, ctx_shape):
+        q = _split(op, _linear(op, x, wq, bq), q_shape)
+        k4 = op.Reshape(_linear(op, x, wk, bk), k_shape)
+        k_bhsd = op.Transpose(k4, perm=[0, 2, 1, 3])
+        k_t = pattern.OrValue([
+            op.Transpose(k4, perm=[0, 2, 3, 1]),
+            op.Transpose(k_bhsd, perm=[0, 1, 3, 2]),
+            op.Reshape(op.Transpose(op.Reshape(k_bhsd, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE),
+        ])
+        q = pattern.OrValue([op.Mul(q, q_scale), q], tag_var="q_scaled", tag_values=[True, False])
+        k_t = pattern.OrValue([op.Mul(k_t, k_scale), k_t], tag_var="k_scaled", tag_values=[True, False])
+        scores = op.MatMul(q, k_t)
+        scores = pattern.OrValue([op.Div(scores, s_scale), op.Mul(scores, s_scale), scores],
+                                 tag_var="s_scaling", tag_values=["div", "mul", "none"])
+        scores = pattern.OrValue([op.Add(scores, mask_bias), op.Add(mask_bias, scores), scores],
+                                 tag_var="masked", tag_values=[True, True, False])
+        probs = op.Softmax(scores, _outputs=["probs"])
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs])
+        ctx = op.MatMul(probs, _split(op, _linear(op, x, wv, bv), v_shape))
+        ctx = pattern.OrValue([op.Reshape(ctx, ctx_shape), ctx])   # TorchScript sdpa: a same-shape reshape
+        return op.Reshape(op.Transpose(ctx, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
+
+    def check(self, context, x, wq, bq, wk, bk, wv, bv, q_shape, k_shape, v_shape, probs, q_scaled, k_scaled,
+              s_scaling, masked, q_scale=None, k_scale=None, s_scale=None, mask_bias=None, zero=None,
+              ctx_shape=None, **_):
+        result = pattern.MatchResult()
+        weights = [const_array(w) for w in (wq, wk, wv)]
+        biases = [const_array(b) for b in (bq, bk, bv)]
+        if any(w is None or w.ndim != 2 for w in weights):
+            return result.fail("Q/K/V weights are not constant 2-D matrices")
+        hidden_in, hidden = weights[0].shape
+        if any(w.shape != (hidden_in, hidden) for w in weights):
+            return result.fail(f"Q/K/V weights differ in shape: {[w.shape for w in weights]}")
+        if any(b is None or b.shape != (hidden,) for b in biases):
+            return result.fail("Q/K/V biases are not constant vectors of the hidden size")
+        heads, head_size = self._heads(q_shape, hidden)
+        if not heads:
+            return result.fail(f"cannot tell the number of heads from the head split (hidden {hidden})")
+        for shape in (k_shape, v_shape) + ((ctx_shape,) if ctx_shape is not None else ()):
+            tail = shape_tail(shape)
+            if len(tail) == 2 and tail[-1] not in (None, head_size):
+                return result.fail(f"K/V head size {tail[-1]} differs from Q's {head_size}")
+        axis = probs.producer().attributes.get_int("axis", -1)
+        if not last_axis(axis, 4):
+            return result.fail(f"Softmax over axis {axis}, not the key axis")
+        if zero is not None and const_scalar(zero) != 0.0:
+            return result.fail("the NaN guard after Softmax does not write zeros")
+        if self._scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) is None:
+            return result.fail("the attention scale is not a constant scalar")
+        if masked:
+            source, reason = self._mask_source(context.model, mask_bias)
+            if source is None:
+                return result.fail(reason)
+        return result
+
+    def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, q_scaled, k_scaled, s_scaling, masked,
+                q_scale=None, k_scale=None, s_scale=None, mask_bias=None, **_):
+        hidden = const_array(wq).shape[1]
+        heads, head_size = self._heads(q_shape, hidden)
+        weight = np.concatenate([const_array(w) for w in (wq, wk, wv)], axis=1)
+        bias = np.concatenate([const_array(b) for b in (bq, bk, bv)])
+        inputs = [x, op.initializer(ir.tensor(weight), name=f"{wq.name}_qkv_weight"),
+                  op.initializer(ir.tensor(bias), name=f"{wq.name}_qkv_bias")]
+        if masked:
+            source, _ = self._mask_memo[mask_bias.name]
+            inputs.append(op.Cast(source, to=ir.DataType.INT32))
+        attrs = {"num_heads": heads}
+        scale = self._scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
+        if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
+            attrs["scale"] = float(scale)
+        return op.Attention(*inputs, _domain=MS_DOMAIN, **attrs)
+
+    # -- helpers (pure functions of the match; no state kept between check and rewrite but the memo) --
+
+    def _heads(self, q_shape, hidden: int) -> tuple[int, int]:
+        tail = shape_tail(q_shape)
+        if len(tail) == 2 and tail[-1] and tail[-1] > 0 and hidden % tail[-1] == 0:
+            heads = hidden // tail[-1]
+            if tail[-2] in (heads, -1, None):
+                if self._ctx.num_heads and self._ctx.num_heads != heads:
+                    return 0, 0
+                return heads, tail[-1]
+        if self._ctx.num_heads and hidden % self._ctx.num_heads == 0:
+            return self._ctx.num_heads, hidden // self._ctx.num_heads
+        return 0, 0
+
+    @staticmethod
+    def _scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) -> float | None:
+        scale = 1.0
+        for used, value in ((q_scaled, q_scale), (k_scaled, k_scale)):
+            if used:
+                factor = const_scalar(value)
+                if factor is None:
+                    return None
+                scale *= factor
+        if s_scaling != "none":
+            factor = const_scalar(s_scale)
+            if factor is None or factor == 0:
+                return None
+            scale = scale / factor if s_scaling == "div" else scale * factor
+        return scale
+
+    def _mask_source(self, model, mask_bias):
+        if mask_bias.name not in self._mask_memo:
+            self._mask_memo[mask_bias.name] = padding_mask_source(model, mask_bias)
+        return self._mask_memo[mask_bias.name]
+
+
+FUSION = Fusion("attention", lambda ctx: [EncoderAttention.rule(ctx)], commute=False)

@@ -1,3 +1,143 @@
-from mlstep.optimizer.fusions._base import Fusion
+"""Residual Add + LayerNorm -> com.microsoft ``SkipLayerNormalization``.
 
-FUSION = Fusion("skip_layer_norm", lambda ctx: [])  # being written
+    sum = input + skip [+ bias];   y = LayerNorm(sum) * gamma + beta      (last axis)
+
+Handles: ``LayerNormalization(Add(a, b))`` with two non-constant activations of the same shape; an addend
+``Add(MatMul(..), bias)`` with a 1-D constant bias of hidden length has that bias absorbed into the 5th
+input; when the residual sum has users besides the LayerNorm (pre-LN blocks, GPT-2), they read output 3
+(input_skip_bias_sum). Refused: a constant or broadcasting addend (the embedding sum with its [1, S, H]
+position table), shapes that cannot be shown equal, a LayerNorm over another axis.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, vector_of
+
+Dims = list | None
+
+
+class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
+    """Variants: ``bias`` (one addend is MatMul + constant bias), ``sum_output`` (the sum has other users)."""
+
+    def __init__(self, name: str, *, bias: bool, sum_output: bool):
+        super().__init__(name)
+        self._bias, self._sum_output = bias, sum_output
+
+    def pattern(self, op, a, b, matmul, bias):
+        if self._bias:
+            a = op.Add(matmul, bias, _outputs=["biased"])
+        total = op.Add(a, b, _outputs=["total"])
+        out = op.LayerNormalization(total, _allow_other_inputs=True, _allow_other_attributes=True,
+                                    _outputs=["normed"])
+        return (out, total) if self._sum_output else out
+
+    def check(self, context, b, matmul, bias, total, normed, a=None, biased=None, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        ln = normed.producer()
+        first = biased if self._bias else a
+        if ln.attributes.get_int("axis", -1) != -1 and not _is_last(ln.attributes.get_int("axis", -1), total):
+            return result.fail(f"LayerNorm over axis {ln.attributes.get_int('axis', -1)}, not the last axis")
+        if len(ln.outputs) > 1 and any(o.uses() for o in ln.outputs[1:]):
+            return result.fail("LayerNorm mean / inv_std_var outputs are used")
+        gamma = ln.inputs[1]
+        beta = ln.inputs[2] if len(ln.inputs) > 2 else None
+        scale = vector_of(gamma)
+        if scale is None:
+            return result.fail("LayerNorm scale is not a 1-D constant")
+        hidden = scale.shape[0]
+        if beta is not None and vector_of(beta, hidden) is None:
+            return result.fail(f"LayerNorm bias is not a 1-D constant of length {hidden}")
+        for name, value in (("first addend", first), ("second addend", b)):
+            if const_array(value) is not None:
+                return result.fail(f"{name} is a constant, not an activation")
+        if self._bias:
+            if const_array(matmul) is not None or matmul.producer() is None or matmul.producer().op_type != "MatMul":
+                return result.fail("biased addend is not MatMul output + bias")
+            if vector_of(bias, hidden) is None:
+                return result.fail(f"addend bias is not a 1-D constant of hidden length {hidden}")
+        if self._sum_output:
+            if not [u for u, _ in total.uses() if u is not ln] and not total.is_graph_output():
+                return result.fail("residual sum has no other users (the plain form applies)")
+        dims = _dims(context.graph_or_function, [first, b])
+        da, db = dims[0], dims[1]
+        if da is None or db is None:
+            return result.fail(f"cannot show the addends have the same shape ({da} vs {db})")
+        if len(da) not in (2, 3) or da != db or any(d is None for d in da):
+            return result.fail(f"addend shapes differ or broadcast ({da} vs {db})")
+        if da[-1] != hidden:
+            return result.fail(f"hidden size {da[-1]} differs from the LayerNorm scale length {hidden}")
+        return result
+
+    def rewrite(self, op, b, matmul, bias, normed, a=None, **_):
+        ln = normed.producer()
+        gamma = ln.inputs[1]
+        beta = ln.inputs[2] if len(ln.inputs) > 2 else None
+        inputs = [matmul if self._bias else a, b, _vector(op, gamma), None if beta is None else _vector(op, beta)]
+        if self._bias:
+            inputs.append(_vector(op, bias))
+        while inputs[-1] is None:
+            inputs.pop()
+        epsilon = ln.attributes.get_float("epsilon", 1e-5)
+        y, _mean, _inv, total = op.SkipLayerNormalization(*inputs, epsilon=epsilon, _domain=MS_DOMAIN, _outputs=4)
+        return (y, total) if self._sum_output else y
+
+
+def _is_last(axis: int, value: ir.Value) -> bool:
+    return value.shape is not None and axis == len(value.shape) - 1
+
+
+def _vector(op, value: ir.Value) -> ir.Value:
+    arr = const_array(value)
+    if arr is not None and arr.ndim == 1:
+        return value
+    return op.initializer(ir.tensor(vector_of(value), name=f"{value.name}_1d"))
+
+
+def _dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Dims]:
+    """Shapes as lists of ints / symbolic names: the recorded shape, else the symbolic inference of
+    ``mlstep.optimizer.shapes`` run forward until every asked value is reached."""
+    out: list[Dims] = [None] * len(values)
+    missing = []
+    for i, value in enumerate(values):
+        if value.shape is not None and all(isinstance(d, int) or d.value for d in value.shape):
+            out[i] = [d if isinstance(d, int) else d.value for d in value.shape]
+        else:
+            missing.append(i)
+    if not missing:
+        return out
+    from mlstep.optimizer.shapes import _infer  # the tiny symbolic shape inference of the shape pass
+
+    graph = graph if isinstance(graph, ir.Graph) else graph.graph
+    dims: dict[int, Dims] = {}
+    vals: dict[int, list] = {}
+    for inp in graph.inputs:
+        if inp.shape is not None:
+            dims[id(inp)] = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}")
+                             for j, d in enumerate(inp.shape)]
+    wanted = {id(values[i]) for i in missing}
+    for node in graph:
+        _infer(node, dims, vals)
+        for o in node.outputs:
+            if id(o) in dims or o.shape is None:
+                continue
+            if all(isinstance(d, int) or d.value for d in o.shape):   # trust recorded shapes
+                dims[id(o)] = [d if isinstance(d, int) else d.value for d in o.shape]
+        wanted -= {id(o) for o in node.outputs}
+        if not wanted:
+            break
+    for i in missing:
+        out[i] = dims.get(id(values[i]))
+    return out
+
+
+def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
+    # Absorbing the bias first (the plain form would match too, leaving the bias Add outside); the plain
+    # output first (a sum with other users fails the matcher's "other uses" test and falls to sum_output).
+    return [SkipLayerNormFusion.rule(f"SkipLayerNorm[{'bias,' if bias else ''}{'sum' if s else 'plain'}]",
+                                     bias=bias, sum_output=s)
+            for bias in (True, False) for s in (False, True)]
+
+
+FUSION = Fusion("skip_layer_norm", _rules)

@@ -1,0 +1,152 @@
+"""Probe a small subgraph numerically: what does this value compute from the graph inputs?
+
+Fusions use it where a structural match cannot prove semantics: the additive attention mask (is it exactly
+a padding mask built from one 2-D input, whatever ops the exporter used to build it?) and position ids
+(are they exactly ``arange(sequence)``?). The subgraph of the value's ancestors is cut out, run in ONNX
+Runtime on a few crafted inputs, and compared with the semantics the fused operator assumes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+_NP = {ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.FLOAT: np.float32,
+       ir.DataType.BOOL: np.bool_, ir.DataType.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class Ancestry:
+    nodes: list[ir.Node]
+    data_inputs: list[ir.Value]     # graph inputs whose values (not only shapes) flow into the value
+    shape_inputs: list[ir.Value]    # graph inputs read only through Shape
+
+
+def ancestry(graph: ir.Graph, value: ir.Value) -> Ancestry:
+    order = {id(n): i for i, n in enumerate(graph)}
+    graph_inputs = {id(v) for v in graph.inputs}
+    nodes: dict[int, ir.Node] = {}
+    data: dict[int, ir.Value] = {}
+    shape: dict[int, ir.Value] = {}
+    stack = [(value, False)]
+    seen: set[tuple[int, bool]] = set()
+    while stack:
+        v, via_shape = stack.pop()
+        if (id(v), via_shape) in seen:
+            continue
+        seen.add((id(v), via_shape))
+        if id(v) in graph_inputs:
+            (shape if via_shape else data)[id(v)] = v
+            continue
+        node = v.producer()
+        if node is None:
+            continue
+        nodes[id(node)] = node
+        for inp in node.inputs:
+            if inp is not None:
+                stack.append((inp, via_shape or node.op_type == "Shape"))
+    only_shape = [v for k, v in shape.items() if k not in data]
+    return Ancestry(sorted(nodes.values(), key=lambda n: order.get(id(n), 0)), list(data.values()), only_shape)
+
+
+def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Run the ancestors of ``value`` on each feed (keyed by graph input name)."""
+    import onnxruntime as ort
+
+    anc = ancestry(model.graph, value)
+    proto_nodes, initializers, seen_init = [], [], set()
+    for node in anc.nodes:
+        proto_nodes.append(ir.serde.serialize_node(node))
+        for inp in node.inputs:
+            if inp is not None and inp.producer() is None and inp.const_value is not None \
+                    and inp.name not in seen_init and inp not in model.graph.inputs:
+                seen_init.add(inp.name)
+                initializers.append(ir.serde.serialize_tensor(ir.tensor(inp.const_value.numpy(), name=inp.name)))
+    inputs = anc.data_inputs + anc.shape_inputs
+    graph = onnx.helper.make_graph(
+        proto_nodes, "probe",
+        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in inputs],
+        [onnx.helper.make_tensor_value_info(value.name, int(value.dtype or ir.DataType.FLOAT), None)], initializers)
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version or 8)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = {v.name for v in inputs}
+    return [session.run(None, {k: v for k, v in feeds.items() if k in names})[0] for feeds in feeds_list]
+
+
+def _masks(batch: int, seq: int) -> np.ndarray:
+    """Right-padded, left-padded, full and holed rows: every row keeps at least one token."""
+    rows = []
+    for b in range(batch):
+        row = np.ones(seq, dtype=np.int64)
+        kind = b % 4
+        if kind == 1:
+            row[seq - 1 - b % (seq - 1):] = 0
+        elif kind == 2:
+            row[: 1 + b % (seq - 1)] = 0
+        elif kind == 3:
+            row[1::2] = 0
+        rows.append(row)
+    return np.stack(rows)
+
+
+def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, str]:
+    """If ``bias`` equals ``(1 - mask[:, None, None, :]) * (large negative)`` for a 2-D graph input ``mask``,
+    return that input. Otherwise None and the reason."""
+    anc = ancestry(model.graph, bias)
+    if len(anc.data_inputs) != 1:
+        names = [v.name for v in anc.data_inputs]
+        return None, f"the attention mask depends on {names or 'no input'}, not on exactly one mask input"
+    source = anc.data_inputs[0]
+    if source.shape is None or len(source.shape) != 2 or source.dtype not in _NP:
+        return None, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
+    feeds_list, masks = [], []
+    for batch, seq in ((3, 6), (4, 9)):
+        mask = _masks(batch, seq)
+        feeds = {}
+        for v in anc.data_inputs + anc.shape_inputs:
+            dtype = _NP.get(v.dtype, np.int64)
+            feeds[v.name] = mask.astype(dtype) if v is source else np.zeros((batch, seq), dtype=dtype)
+        feeds_list.append(feeds)
+        masks.append(mask)
+    try:
+        outs = evaluate(model, bias, feeds_list)
+    except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
+        return None, f"the attention mask could not be probed ({type(err).__name__})"
+    for mask, out in zip(masks, outs):
+        batch, seq = mask.shape
+        if out.ndim != 4:
+            return None, f"the attention mask has rank {out.ndim}, expected 4"
+        try:
+            full = np.broadcast_to(out, (batch, out.shape[1], seq, seq)).astype(np.float64)
+        except ValueError:
+            return None, f"the attention mask has shape {out.shape}, not a [batch, 1, seq, seq] broadcast"
+        keep = np.broadcast_to(mask[:, None, None, :].astype(bool), full.shape)
+        if np.any(np.abs(full[keep]) > 0.0):
+            return None, "the attention mask is not zero on attended tokens (not a pure padding mask)"
+        if np.any(full[~keep] > -1e4):
+            return None, "the attention mask does not block padded tokens (causal or custom mask?)"
+    return source, ""
+
+
+def is_arange(model: ir.Model, value: ir.Value) -> bool:
+    """True if ``value`` is ``arange(sequence)`` (shape [sequence] or [1, sequence]) for any input sizes."""
+    anc = ancestry(model.graph, value)
+    if anc.data_inputs:
+        return False
+    feeds_list, seqs = [], []
+    for batch, seq in ((2, 5), (3, 11)):
+        feeds_list.append({v.name: np.zeros((batch, seq) if v.shape is None or len(v.shape) == 2 else
+                                            (batch, seq, *[d if isinstance(d, int) else 1 for d in v.shape[2:]]),
+                                            dtype=_NP.get(v.dtype, np.int64)) for v in anc.shape_inputs})
+        seqs.append(seq)
+    try:
+        outs = evaluate(model, value, feeds_list)
+    except Exception:  # noqa: BLE001
+        return False
+    return all(out.reshape(-1).tolist() == list(range(seq)) and out.ndim in (1, 2) for out, seq in zip(outs, seqs))
