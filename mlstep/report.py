@@ -128,7 +128,7 @@ def fusion_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
 
 def summary_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
     """One row per variant: fused ops, parity, latency, speedup, gate (report.md and the CLI summary)."""
-    header = ["variant", "fused ops", "max |diff|", "parity", "median ms", "baseline ms", "speedup", "gate"]
+    header = ["variant", "fused", "max |diff|", "parity", "ms", "source ms", "speedup", "gate"]
     rows = []
     for name, v in report["variants"].items():
         lat, par = v["latency_ms"], v["parity"]

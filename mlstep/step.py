@@ -224,6 +224,7 @@ def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
     created = _make_parents(target.parent, output_dir)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.mlstep-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes 0o700; the result is an ordinary folder
     except OSError as err:
         _remove_created(created)
         raise OutputError(f"{output_dir}: cannot write beside it ({err.strerror or err})") from err
@@ -234,6 +235,12 @@ def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _make_parents(parent: Path, shown) -> list[Path]:

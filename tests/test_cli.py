@@ -237,6 +237,36 @@ def test_nothing_to_fuse_still_gets_variants(tmp_path):
     assert "No fusions applied" in (output / "report.md").read_text()
 
 
+def cancellation_model(path: Path) -> Path:
+    """y = (x + 1000) @ W - 1000 * colsum(W): exact in fp32, ~0.25 off in fp16 (x + 1000 keeps 0.5 steps)."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1000.0], np.float32), "c"),
+             numpy_helper.from_array((1000.0 * weight.sum(0)).astype(np.float32), "d")]
+    nodes = [helper.make_node("Add", ["x", "c"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["m"]),
+             helper.make_node("Sub", ["m", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
+    source = cancellation_model(tmp_path / "cancel.onnx")
+    output = tmp_path / "out"
+    proc = mlstep("optimize", source, "-o", output, "--skip-benchmark")
+    assert proc.returncode == 1, proc.stderr + proc.stdout
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "fp16 parity" in proc.stderr
+    report = read_report(output)
+    assert report["variants"]["fp32"]["gate"]["passed"] is True
+    fp16 = report["variants"]["fp16"]
+    assert fp16["parity"]["passed"] is False and fp16["parity"]["worst_output"] == "y"
+    assert fp16["gate"] == {"parity": "failed", "latency": "skipped", "passed": False}
+    assert "a gate failed" in (output / "report.md").read_text()
+
+
 def test_mlflow_model_directory_source(tmp_path):
     model_dir = tmp_path / "mlflow_model"
     tiny_model(model_dir / "model.onnx")

@@ -142,7 +142,7 @@ class _PlainProgress:
         pass
 
     def done(self, stage: str, seconds: float, detail: str = "") -> None:
-        print(f"mlstep: {stage}: {detail} ({seconds:.2f}s)", file=sys.stderr, flush=True)
+        print(f"mlstep: {stage}: {detail + ' ' if detail else ''}({seconds:.2f}s)", file=sys.stderr, flush=True)
 
 
 class _progress:
@@ -161,6 +161,7 @@ class _progress:
 
 
 def _print_summary(result, verbose: bool) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -177,13 +178,14 @@ def _print_summary(result, verbose: bool) -> None:
         console.print("no fusions applied (run with --verbose for the reasons)" if not verbose
                       else "no fusions applied", markup=False)
     else:
-        console.print(_table(Table(title="fused ops"), *fusion_table(report)))
-    console.print(_table(Table(title=f"mlstep optimize -> {result.output_dir}"), *summary_table(report)))
+        console.print(_table(Table(title="fused ops", box=box.SIMPLE_HEAD), *fusion_table(report)))
+    console.print(_table(Table(title=f"mlstep optimize -> {result.output_dir}", box=box.SIMPLE_HEAD),
+                         *summary_table(report)))
 
 
 def _table(table, header, rows):
     for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table

@@ -68,9 +68,13 @@ def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.nda
     graph = onnx.helper.make_graph(
         proto_nodes, "probe",
         [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in inputs],
-        [onnx.helper.make_tensor_value_info(value.name, int(value.dtype or ir.DataType.FLOAT), None)], initializers)
+        [onnx.helper.make_value_info(value.name, onnx.TypeProto())], initializers)
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version or 8)
+    if value.dtype is not None:
+        proto.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(value.name, int(value.dtype), None))
+    else:  # exporters leave intermediate types out: let ONNX infer the output's type
+        proto = onnx.shape_inference.infer_shapes(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3

@@ -1,3 +1,111 @@
-from mlstep.optimizer.fusions._base import Fusion
+"""Embeddings + LayerNorm (BERT, DistilBERT) -> com.microsoft EmbedLayerNormalization.
 
-FUSION = Fusion("embed_layer_norm", lambda ctx: [])  # being written
+    LN(word[ids] + position[arange(S)] (+ token_type[segment_ids])) * gamma + beta
+    ==> EmbedLayerNormalization(int32(ids), int32(segment_ids), word, position, token_type, gamma, beta)
+
+Cases handled: the three addends in any order (commuted), with or without token types; position ids that
+are ``arange(sequence)`` however the exporter built them (probed, see probe.py) or a position_ids graph
+input (passed through); token-type ids that are a constant all-zeros index (BERT called without
+token_type_ids): row 0 of the token-type table is folded into the position table, which is exact.
+Refused with a reason: position ids computed from input_ids (RoBERTa's padding-aware positions), ids that
+are not a 2-D graph input, tables whose widths differ.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array
+from mlstep.optimizer.probe import ancestry, evaluate, is_arange
+
+
+def _graph_input(value: ir.Value, graph_inputs) -> ir.Value | None:
+    """The 2-D integer graph input behind ``value`` (directly or through Casts)."""
+    while value is not None and value not in graph_inputs:
+        node = value.producer()
+        if node is None or node.op_type != "Cast":
+            return None
+        value = node.inputs[0]
+    if value is None or value.shape is None or len(value.shape) != 2:
+        return None
+    return value
+
+
+class EmbedLayerNorm(pattern.RewriteRuleClassBase):
+    def __init__(self, sum_order: str):
+        """sum_order: "wp" (no token types), "wp+t" or "wt+p" (which pair is added first)."""
+        super().__init__(f"EmbedLayerNorm_{sum_order}")
+        self._order = sum_order
+        self._with_tt = "t" in sum_order
+
+    def pattern(self, op, word, ids, position, position_ids, token_type, segment_ids, gamma, beta):
+        w, p = op.Gather(word, ids), op.Gather(position, position_ids)
+        if self._order == "wp":
+            total = op.Add(w, p)
+        elif self._order == "wp+t":
+            total = op.Add(op.Add(w, p), op.Gather(token_type, segment_ids))
+        else:
+            total = op.Add(op.Add(w, op.Gather(token_type, segment_ids)), p)
+        return op.LayerNormalization(total, gamma, beta, _outputs=["normed"])
+
+    def check(self, context, word, ids, position, position_ids, gamma, beta, normed, token_type=None,
+              segment_ids=None, **_):
+        result = pattern.MatchResult()
+        model = context.model
+        inputs = model.graph.inputs
+        tables = [const_array(t) for t in (word, position) + ((token_type,) if self._with_tt else ())]
+        if any(t is None or t.ndim != 2 for t in tables):
+            return result.fail("embedding tables are not constant 2-D matrices")
+        if len({t.shape[1] for t in tables}) != 1:
+            return result.fail(f"embedding widths differ: {[t.shape for t in tables]}")
+        if const_array(gamma) is None or const_array(beta) is None:
+            return result.fail("LayerNorm scale/shift are not constants")
+        if normed.producer().attributes.get_int("axis", -1) not in (-1, 2):
+            return result.fail("LayerNorm is not over the last axis")
+        if _graph_input(ids, inputs) is None:
+            return result.fail("word ids are not a 2-D graph input")
+        if _graph_input(position_ids, inputs) is None and not is_arange(model, position_ids):
+            return result.fail("position ids are neither arange(sequence) nor a graph input "
+                               "(computed from input_ids, RoBERTa-style)")
+        if self._with_tt and _graph_input(segment_ids, inputs) is None and not _all_zero(model, segment_ids):
+            return result.fail("token type ids are neither a graph input nor constant zeros")
+        return result
+
+    def rewrite(self, op, word, ids, position, position_ids, gamma, beta, normed, token_type=None,
+                segment_ids=None, **_):
+        graph_inputs = normed.producer().graph.inputs
+        ids_in = _graph_input(ids, graph_inputs)
+        position_table = position
+        segment = None
+        tt_table = None
+        if self._with_tt:
+            seg_in = _graph_input(segment_ids, graph_inputs)
+            if seg_in is not None:
+                segment, tt_table = op.Cast(seg_in, to=ir.DataType.INT32), token_type
+            else:  # constant zero token types: fold row 0 into the position table
+                folded = const_array(position) + const_array(token_type)[0][None, :]
+                position_table = op.initializer(ir.tensor(folded.astype(const_array(position).dtype)),
+                                                name=f"{position.name}_plus_{token_type.name}_row0")
+        pos_in = _graph_input(position_ids, graph_inputs)
+        args = [op.Cast(ids_in, to=ir.DataType.INT32), segment, word, position_table, tt_table, gamma, beta]
+        if pos_in is not None:
+            args += [None, op.Cast(pos_in, to=ir.DataType.INT32)]
+        eps = normed.producer().attributes.get_float("epsilon", 1e-5)
+        out, _mask_index = op.EmbedLayerNormalization(*args, epsilon=eps, _domain=MS_DOMAIN, _outputs=2)
+        return out
+
+
+def _all_zero(model: ir.Model, value: ir.Value) -> bool:
+    if ancestry(model.graph, value).data_inputs:
+        return False
+    try:
+        feeds = [{v.name: np.zeros((2, 5), dtype=np.int64) for v in model.graph.inputs
+                  if v.shape is not None and len(v.shape) == 2}]
+        (out,) = evaluate(model, value, feeds)
+    except Exception:  # noqa: BLE001
+        return False
+    return out.size > 0 and not np.any(out)
+
+
+FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order) for order in ("wt+p", "wp+t", "wp")])

@@ -16,6 +16,7 @@ from onnxscript.rewriter import pattern
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, vector_of
 
 Dims = list | None
+_ALSO_SAME_SHAPE = {"CumSum"}   # RoBERTa's position ids; missing from the shape pass's table
 
 
 class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
@@ -57,9 +58,6 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
                 return result.fail("biased addend is not MatMul output + bias")
             if vector_of(bias, hidden) is None:
                 return result.fail(f"addend bias is not a 1-D constant of hidden length {hidden}")
-        if self._sum_output:
-            if not [u for u, _ in total.uses() if u is not ln] and not total.is_graph_output():
-                return result.fail("residual sum has no other users (the plain form applies)")
         dims = _dims(context.graph_or_function, [first, b])
         da, db = dims[0], dims[1]
         if da is None or db is None:
@@ -68,6 +66,9 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
             return result.fail(f"addend shapes differ or broadcast ({da} vs {db})")
         if da[-1] != hidden:
             return result.fail(f"hidden size {da[-1]} differs from the LayerNorm scale length {hidden}")
+        if self._sum_output:
+            if not [u for u, _ in total.uses() if u is not ln] and not total.is_graph_output():
+                return result.fail("residual sum has no other users (the plain form applies)")
         return result
 
     def rewrite(self, op, b, matmul, bias, normed, a=None, **_):
@@ -119,6 +120,8 @@ def _dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Dims]:
     wanted = {id(values[i]) for i in missing}
     for node in graph:
         _infer(node, dims, vals)
+        if node.op_type in _ALSO_SAME_SHAPE and node.domain == "" and id(node.inputs[0]) in dims:
+            dims.setdefault(id(node.outputs[0]), dims[id(node.inputs[0])])
         for o in node.outputs:
             if id(o) in dims or o.shape is None:
                 continue
