@@ -26,7 +26,8 @@ Cases handled:
   ``Cast(x32, to=FLOAT)``) is removed. Rounding pairs such as ``Cast(Cast(x32, FLOAT16), FLOAT)`` written by
   the exporter are not removed: they are not no-ops.
 - Subgraphs (If/Loop/Scan bodies) are converted with the same rules; their formal inputs and outputs follow
-  the float16 compute (no boundary casts). Model-local functions are not converted.
+  the float16 compute (a blocked op's result that is a subgraph output is cast to float16). Model-local
+  functions are not converted.
 - Values without type information get a dtype inferred from their producer (first typed input for most
   ops) only to decide where casts go; their (absent) type annotation is left for ONNX Runtime to infer.
 """
@@ -147,8 +148,8 @@ class _Converter:
                 wants_fp32 = self.is_blocked(node)
                 if wants_fp32 != is_fp32:
                     node.replace_input_with(index, self._cast(value, FLOAT if wants_fp32 else FLOAT16))
-            if is_output and value.graph is self.model.graph:
-                want = FLOAT if self.keep_io else FLOAT16
+            if is_output:  # subgraph outputs follow the float16 compute, the model's follow keep_io_types
+                want = FLOAT if self.keep_io and value.graph is self.model.graph else FLOAT16
                 if (FLOAT if is_fp32 else FLOAT16) != want:
                     self._cast_output(value, want)
         for graph in self.graphs:
@@ -189,7 +190,9 @@ class _Converter:
             attrs["value"] = ir.AttrTensor("value", ir.tensor(fp16_array(fill)))
         elif node.op_type in _DTYPE_ATTR_OPS:
             name = _DTYPE_ATTR_OPS[node.op_type]
-            current = attrs[name].value if name in attrs else (None if node.op_type in ("Cast", "EyeLike", "Bernoulli") else FLOAT)
+            # Without the attribute, RandomNormal/RandomUniform default to FLOAT; the others follow an input.
+            default = FLOAT if node.op_type in ("RandomNormal", "RandomUniform") else None
+            current = attrs[name].value if name in attrs else default
             if current is not None and ir.DataType(current) == FLOAT:
                 attrs[name] = ir.AttrInt64(name, int(FLOAT16))
 
@@ -205,7 +208,7 @@ class _Converter:
         return self.casts[key]
 
     def _cast_output(self, value: ir.Value, to: ir.DataType) -> None:
-        graph = self.model.graph
+        graph = value.graph
         name = value.name
         value.name = self._unique(f"{name}_fp16" if to == FLOAT else f"{name}_fp32")
         out = ir.Value(name=name, type=ir.TensorType(to), shape=value.shape)

@@ -169,3 +169,26 @@ def test_fp16_values_are_clipped_not_overflowed(tmp_path):
     assert out[0] == 65504 and out[1] == -65504
     assert out[2] > 0 and out[3] < 0 and out[4] == 0  # epsilons survive
     assert out[5] == 65504 and np.isnan(out[6])
+
+
+@pytest.mark.parametrize("block", [frozenset(), frozenset({"Softmax"})], ids=["all-fp16", "softmax-blocked"])
+def test_if_subgraphs_are_converted(tmp_path, block):
+    """Subgraph bodies compute in float16; a blocked op's result leaving a branch is cast back to float16."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Softmax", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Constant", [], ["zero"], value_float=0.0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    graph = helper.make_graph(nodes, "if", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                              initializer=[numpy_helper.from_array(np.arange(1, 5, dtype=np.float32), "w")])
+    src, dst = tmp_path / "if.onnx", tmp_path / "if16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(src))
+    ir.save(to_fp16(ir.load(src), op_block_list=block), dst)
+    x = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    cases = [Case("then", {"x": x}), Case("else", {"x": -x})]
+    result = check_parity(src, dst, "fp16", cases)
+    assert result.passed, result

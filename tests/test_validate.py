@@ -12,7 +12,11 @@ from onnx import TensorProto, helper
 from mlstep.export import ExportSpec
 from mlstep.validate import Case, check_parity, providers, run_reference, synthesize_inputs
 from mlstep.validate.parity import CPU, CUDA
-from tests.test_precision import ms_model
+
+try:
+    from tests.test_precision import ms_model
+except ImportError:  # run with tests/ (not the repository root) on sys.path
+    from test_precision import ms_model
 
 BERT = ExportSpec("bert", "dynamo", 18, "sdpa")
 

@@ -44,7 +44,10 @@ class Fusion:
 
 
 def run_fusion(fusion: Fusion, model: ir.Model, ctx: FusionContext, explain: bool = False) -> FusionLog:
-    rules = pattern.RewriteRuleSet(list(fusion.rules(ctx)), commute=fusion.commute)
+    rule_list = list(fusion.rules(ctx))
+    if not rule_list:
+        return FusionLog(fusion.name, refused=["no rules for this model type"])
+    rules = pattern.RewriteRuleSet(rule_list, commute=fusion.commute)
     log = FusionLog(fusion.name, fused=rules.apply_to_model(model))
     if explain:
         tracer = pattern.MatchingTracer()

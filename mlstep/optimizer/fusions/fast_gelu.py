@@ -1,3 +1,73 @@
-from mlstep.optimizer.fusions._base import Fusion
+"""Tanh GELU ('gelu_new', GPT-2, ALBERT) -> com.microsoft ``FastGelu(x[, bias])``.
 
-FUSION = Fusion("fast_gelu", lambda ctx: [])  # being written
+    fast_gelu(x) = 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))
+
+Handles: x^3 as ``Pow(x, 3)`` or ``x * x * x`` (``cube``); the 0.5 multiply on x, on the product or on the
+tanh term (``half``); operand order via the rule set's commutation. A preceding ``Add(y, bias)`` with a
+1-D constant bias of y's (MatMul output) width is absorbed into FastGelu's bias input. Constants are
+checked numerically (relative tolerance 1e-3); a wrong one is refused with its value.
+"""
+from __future__ import annotations
+
+import math
+
+from onnxscript.rewriter import pattern
+
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar, \
+    is_scalar_close
+from mlstep.optimizer.fusions.gelu import bias_reason, bias_vector
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+COEFF = 0.044715
+
+
+class FastGeluFusion(pattern.RewriteRuleClassBase):
+    """``cube``: 'pow' | 'mul'; ``half``: 'x' | 'product' | 'tanh'; ``bias``: absorb a constant bias Add."""
+
+    def __init__(self, name: str, *, cube: str, half: str, bias: bool):
+        super().__init__(name)
+        self._cube, self._half, self._bias = cube, half, bias
+
+    def pattern(self, op, x, matmul, bias, c_three, c_coeff, c_scale, c_one, c_half):
+        if self._bias:
+            x = op.Add(matmul, bias)
+        cubed = op.Pow(x, c_three) if self._cube == "pow" else op.Mul(op.Mul(x, x), x)
+        inner = op.Mul(op.Add(x, op.Mul(cubed, c_coeff)), c_scale)
+        one_plus = op.Add(op.Tanh(inner), c_one)
+        if self._half == "x":
+            return op.Mul(op.Mul(x, c_half), one_plus)
+        if self._half == "product":
+            return op.Mul(op.Mul(x, one_plus), c_half)
+        return op.Mul(x, op.Mul(one_plus, c_half))
+
+    def check(self, context, matmul, bias, c_three, c_coeff, c_scale, c_one, c_half, x=None,
+              **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        expected = [("cube exponent", c_three, 3.0), ("cubic coefficient", c_coeff, COEFF),
+                    ("tanh scale", c_scale, SQRT_2_OVER_PI), ("tanh term offset", c_one, 1.0),
+                    ("scale factor", c_half, 0.5)]
+        for what, value, want in expected:
+            if what == "cube exponent" and self._cube != "pow":
+                continue
+            if not is_scalar_close(value, want):
+                return result.fail(f"{what} is {const_scalar(value)}, expected {want:.6g}")
+        if self._bias:
+            reason = bias_reason(matmul, bias)
+            if reason:
+                return result.fail(reason)
+        elif const_array(x) is not None:
+            return result.fail("input is a constant")
+        return result
+
+    def rewrite(self, op, matmul, bias, x=None, **_):
+        if self._bias:
+            return op.FastGelu(matmul, bias_vector(op, bias), _domain=MS_DOMAIN)
+        return op.FastGelu(x, _domain=MS_DOMAIN)
+
+
+def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
+    return [FastGeluFusion.rule(f"FastGelu[{'bias,' if bias else ''}{cube},{half}]", cube=cube, half=half, bias=bias)
+            for bias in (True, False) for cube in ("pow", "mul") for half in ("x", "product", "tanh")]
+
+
+FUSION = Fusion("fast_gelu", _rules)
