@@ -27,8 +27,11 @@ def minilm_dir() -> Path:
 
 def export_minilm(path: Path) -> Path:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     from mlstep.export import export_encoder
+
+    hf_logging.disable_progress_bar()
 
     model = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True).eval()
     return export_encoder(model, path, exporter="dynamo", opset=18)

@@ -117,6 +117,9 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
 
     with _stage(listener, "resolve", str(source)):
         model_path = resolve_source(source)
+        if Path(output_dir).expanduser().resolve() in model_path.resolve().parents:
+            raise UsageError(f"{model_path}: the source lies inside the output folder {output_dir}, "
+                             "which this run replaces; choose another --output")
     with staged_output(output_dir) as tmp:
         with _stage(listener, "optimize", model_path.name) as note:
             optimized = _optimize(model_path, options)
@@ -149,7 +152,8 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                                   optimizer_seconds=optimized.seconds)
             write_report(report, tmp, fusion_log=optimized.log if options.verbose else None)
         listener.start("commit", str(output_dir))
-    listener.done("commit", 0.0, str(output_dir))
+        committing = time.perf_counter()
+    listener.done("commit", time.perf_counter() - committing, str(output_dir))
     return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log))
 
 

@@ -151,6 +151,15 @@ def test_foreign_non_empty_output_is_refused_and_kept(tmp_path):
     assert "refusing" in proc.stderr and (output / "precious.txt").read_text() == "keep me"
 
 
+def test_source_inside_output_is_refused(tmp_path):
+    output = tmp_path / "out"
+    source = tiny_model(output / "fp32" / "model.onnx")
+    (output / "report.json").write_text("{}")
+    proc = mlstep("optimize", source, "-o", output)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "inside the output folder" in proc.stderr and source.is_file()
+
+
 def test_mlflow_uri_needs_registry(tmp_path):
     proc = mlstep("optimize", "models:/bert/1", "-o", tmp_path / "out")
     assert_bad_input(proc, tmp_path / "out", "MLflow registry support")

@@ -5,7 +5,8 @@
 Handles: x^3 as ``Pow(x, 3)`` or ``x * x * x`` (``cube``); the 0.5 multiply on x, on the product or on the
 tanh term (``half``); operand order via the rule set's commutation. A preceding ``Add(y, bias)`` with a
 1-D constant bias of y's (MatMul output) width is absorbed into FastGelu's bias input. Constants are
-checked numerically (relative tolerance 1e-3); a wrong one is refused with its value.
+checked numerically (relative tolerance 1e-3); a wrong one is refused with its value (the 0.5, part of
+the pattern itself, simply does not match).
 """
 from __future__ import annotations
 
@@ -19,39 +20,45 @@ from mlstep.optimizer.fusions.gelu import bias_reason, bias_vector
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 COEFF = 0.044715
+HALF = pattern.Constant(0.5, rel_tol=1e-3)  # in the pattern: it orients its Mul (see ``pattern``)
 
 
 class FastGeluFusion(pattern.RewriteRuleClassBase):
     """``cube``: 'pow' | 'mul'; ``half``: 'x' | 'product' | 'tanh'; ``bias``: absorb a constant bias Add."""
 
-    def __init__(self, name: str, *, cube: str, half: str, bias: bool):
+    def __init__(self, name: str, *, cube: str, half: str, bias: str, flip: bool):
         super().__init__(name)
-        self._cube, self._half, self._bias = cube, half, bias
+        self._cube, self._half, self._bias, self._flip = cube, half, bias, flip
 
-    def pattern(self, op, x, matmul, bias, c_three, c_coeff, c_scale, c_one, c_half):
-        if self._bias:
-            x = op.Add(matmul, bias)
-        cubed = op.Pow(x, c_three) if self._cube == "pow" else op.Mul(op.Mul(x, x), x)
-        inner = op.Mul(op.Add(x, op.Mul(cubed, c_coeff)), c_scale)
-        one_plus = op.Add(op.Tanh(inner), c_one)
+    def pattern(self, op, x, matmul, bias, c_three, c_coeff, c_scale, c_one):
+        # Operand order is spelled out (``_either``) instead of left to the engine's commutation, which
+        # would make 2^9 patterns of this one; each alternative fails at its own node when it is the wrong
+        # one (a node pattern or a constant sits on one side), so the first-match Or is exact.
+        mul = lambda a, b: _either(op.Mul, a, b)  # noqa: E731
+        if self._bias != "none":
+            x = op.Add(matmul, bias) if self._bias == "second" else op.Add(bias, matmul)
+        cubed = op.Pow(x, c_three) if self._cube == "pow" else mul(op.Mul(x, x), x)
+        inner = mul(_either(op.Add, x, mul(cubed, c_coeff)), c_scale)
+        one_plus = _either(op.Add, op.Tanh(inner), c_one)
         if self._half == "x":
-            return op.Mul(op.Mul(x, c_half), one_plus)
-        if self._half == "product":
-            return op.Mul(op.Mul(x, one_plus), c_half)
-        return op.Mul(x, op.Mul(one_plus, c_half))
+            a, b = mul(x, HALF), one_plus
+        elif self._half == "product":
+            a, b = mul(x, one_plus), HALF
+        else:
+            a, b = x, mul(one_plus, HALF)
+        return op.Mul(b, a) if self._flip else op.Mul(a, b)
 
-    def check(self, context, matmul, bias, c_three, c_coeff, c_scale, c_one, c_half, x=None,
+    def check(self, context, matmul, bias, c_three, c_coeff, c_scale, c_one, x=None,
               **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
         expected = [("cube exponent", c_three, 3.0), ("cubic coefficient", c_coeff, COEFF),
-                    ("tanh scale", c_scale, SQRT_2_OVER_PI), ("tanh term offset", c_one, 1.0),
-                    ("scale factor", c_half, 0.5)]
+                    ("tanh scale", c_scale, SQRT_2_OVER_PI), ("tanh term offset", c_one, 1.0)]
         for what, value, want in expected:
             if what == "cube exponent" and self._cube != "pow":
                 continue
             if not is_scalar_close(value, want):
                 return result.fail(f"{what} is {const_scalar(value)}, expected {want:.6g}")
-        if self._bias:
+        if self._bias != "none":
             reason = bias_reason(matmul, bias)
             if reason:
                 return result.fail(reason)
@@ -60,14 +67,20 @@ class FastGeluFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, matmul, bias, x=None, **_):
-        if self._bias:
+        if self._bias != "none":
             return op.FastGelu(matmul, bias_vector(op, bias), _domain=MS_DOMAIN)
         return op.FastGelu(x, _domain=MS_DOMAIN)
 
 
+def _either(make, a, b):
+    return pattern.OrValue([make(a, b), make(b, a)])
+
+
 def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
-    return [FastGeluFusion.rule(f"FastGelu[{'bias,' if bias else ''}{cube},{half}]", cube=cube, half=half, bias=bias)
-            for bias in (True, False) for cube in ("pow", "mul") for half in ("x", "product", "tanh")]
+    return [FastGeluFusion.rule(f"FastGelu[{bias},{cube},{half}{',flip' if flip else ''}]", cube=cube, half=half,
+                                bias=bias, flip=flip)
+            for bias in ("second", "first", "none") for cube in ("pow", "mul") for half in ("x", "product", "tanh")
+            for flip in (False, True)]
 
 
-FUSION = Fusion("fast_gelu", _rules)
+FUSION = Fusion("fast_gelu", _rules, commute=False)
