@@ -24,7 +24,7 @@ Dims = Optional[list[Dim]]
 
 _SAME_SHAPE = {"Cast", "Erf", "Tanh", "Sqrt", "Relu", "Softmax", "LayerNormalization", "IsNaN", "Not", "Neg",
                "Identity", "Dropout", "Reciprocal", "Exp", "Log", "Sigmoid", "Abs", "CastLike", "Gelu",
-               "FastGelu", "BiasGelu", "SkipLayerNormalization", "Attention"}
+               "FastGelu", "BiasGelu", "SkipLayerNormalization", "Attention", "CumSum"}
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Greater", "Less", "GreaterOrEqual",
               "LessOrEqual", "Max", "Min", "Pow", "Xor", "Mod"}
 

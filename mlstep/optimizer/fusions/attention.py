@@ -25,6 +25,15 @@ from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, co
 from mlstep.optimizer.probe import padding_mask_source
 
 
+def _packed(op, parts, axis: int, suffix: str) -> ir.Value:
+    """Q|K|V concatenated once; layers that share weights (ALBERT) share the packed initializer too."""
+    name = f"{parts[0].name}_{suffix}"
+    graph = parts[0].graph
+    if graph is not None and name in graph.initializers:
+        return graph.initializers[name]
+    return op.initializer(ir.tensor(np.concatenate([const_array(p) for p in parts], axis=axis)), name=name)
+
+
 def _linear(op, x, w, b):
     mm = op.MatMul(x, w)
     return pattern.OrValue([op.Add(mm, b), op.Add(b, mm)])
@@ -100,10 +109,8 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
                 q_scale=None, k_scale=None, s_scale=None, mask_bias=None, **_):
         hidden = const_array(wq).shape[1]
         heads, head_size = self._heads(q_shape, hidden)
-        weight = np.concatenate([const_array(w) for w in (wq, wk, wv)], axis=1)
-        bias = np.concatenate([const_array(b) for b in (bq, bk, bv)])
-        inputs = [x, op.initializer(ir.tensor(weight), name=f"{wq.name}_qkv_weight"),
-                  op.initializer(ir.tensor(bias), name=f"{wq.name}_qkv_bias")]
+        inputs = [x, _packed(op, (wq, wk, wv), axis=1, suffix="qkv_weight"),
+                  _packed(op, (bq, bk, bv), axis=0, suffix="qkv_bias")]
         if masked:
             source, _ = self._mask_memo[mask_bias.name]
             inputs.append(op.Cast(source, to=ir.DataType.INT32))

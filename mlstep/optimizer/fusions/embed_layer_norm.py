@@ -1,4 +1,4 @@
-"""Embeddings + LayerNorm (BERT, DistilBERT) -> com.microsoft EmbedLayerNormalization.
+"""Embeddings + LayerNorm (BERT, DistilBERT, RoBERTa, ALBERT) -> com.microsoft EmbedLayerNormalization.
 
     LN(word[ids] + position[arange(S)] (+ token_type[segment_ids])) * gamma + beta
     ==> EmbedLayerNormalization(int32(ids), int32(segment_ids), word, position, token_type, gamma, beta)
@@ -7,8 +7,9 @@ Cases handled: the three addends in any order (commuted), with or without token 
 are ``arange(sequence)`` however the exporter built them (probed, see probe.py) or a position_ids graph
 input (passed through); token-type ids that are a constant all-zeros index (BERT called without
 token_type_ids): row 0 of the token-type table is folded into the position table, which is exact.
-Refused with a reason: position ids computed from input_ids (RoBERTa's padding-aware positions), ids that
-are not a 2-D graph input, tables whose widths differ.
+Position ids computed per token (RoBERTa's padding-aware positions from input_ids) are fed to ELN's
+position_ids input as they are. Refused with a reason: ids that are not a 2-D graph input, tables whose
+widths differ, token types that are neither an input nor constant zeros.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         super().__init__(f"EmbedLayerNorm_{sum_order}")
         self._order = sum_order
         self._with_tt = "t" in sum_order
+        self._arange_memo: dict[str, bool] = {}   # per-run memo of the position-ids probe (check -> rewrite)
 
     def pattern(self, op, word, ids, position, position_ids, token_type, segment_ids, gamma, beta):
         w, p = op.Gather(word, ids), op.Gather(position, position_ids)
@@ -65,9 +67,9 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             return result.fail("LayerNorm is not over the last axis")
         if _graph_input(ids, inputs) is None:
             return result.fail("word ids are not a 2-D graph input")
-        if _graph_input(position_ids, inputs) is None and not is_arange(model, position_ids):
-            return result.fail("position ids are neither arange(sequence) nor a graph input "
-                               "(computed from input_ids, RoBERTa-style)")
+        self._arange_memo[position_ids.name] = is_arange(model, position_ids)
+        if not self._arange_memo[position_ids.name] and not _position_input(model, position_ids):
+            return result.fail("position ids are not arange(sequence) and not a [batch, sequence] integer tensor")
         if self._with_tt and _graph_input(segment_ids, inputs) is None and not _all_zero(model, segment_ids):
             return result.fail("token type ids are neither a graph input nor constant zeros")
         return result
@@ -87,13 +89,27 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
                 folded = const_array(position) + const_array(token_type)[0][None, :]
                 position_table = op.initializer(ir.tensor(folded.astype(const_array(position).dtype)),
                                                 name=f"{position.name}_plus_{token_type.name}_row0")
-        pos_in = _graph_input(position_ids, graph_inputs)
+        pos_in = None if self._arange_memo[position_ids.name] else position_ids
         args = [op.Cast(ids_in, to=ir.DataType.INT32), segment, word, position_table, tt_table, gamma, beta]
         if pos_in is not None:
             args += [None, op.Cast(pos_in, to=ir.DataType.INT32)]
         eps = normed.producer().attributes.get_float("epsilon", 1e-5)
         out, _mask_index = op.EmbedLayerNormalization(*args, epsilon=eps, _domain=MS_DOMAIN, _outputs=2)
         return out
+
+
+def _position_input(model: ir.Model, position_ids: ir.Value) -> bool:
+    """Position ids computed per token, such as RoBERTa's padding-aware positions: a [batch, sequence]
+    integer tensor, fed to ELN's position_ids input as it is."""
+    anc = ancestry(model.graph, position_ids)
+    if not anc.data_inputs:
+        return False
+    try:
+        feeds = [{v.name: np.ones((2, 5), dtype=np.int64) for v in anc.data_inputs + anc.shape_inputs}]
+        (out,) = evaluate(model, position_ids, feeds)
+    except Exception:  # noqa: BLE001
+        return False
+    return out.shape == (2, 5) and out.dtype.kind in "iu"
 
 
 def _all_zero(model: ir.Model, value: ir.Value) -> bool:
