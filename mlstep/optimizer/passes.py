@@ -35,6 +35,9 @@ def prepare(model: ir.Model) -> ir.Model:
     return model
 
 
+PREPASS_DISABLED = ["MatMulScaleFusion"]
+
+
 def ort_prepass(model: ir.Model, level: int, use_gpu: bool, source_dir: Path | None) -> ir.Model:
     """Run ONNX Runtime's own graph optimizer at ``level`` first; fusing continues on its output."""
     import onnxruntime as ort
@@ -51,7 +54,10 @@ def ort_prepass(model: ir.Model, level: int, use_gpu: bool, source_dir: Path | N
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_gpu else ["CPUExecutionProvider"]
-        ort.InferenceSession(str(src), so, providers=providers)
+        so.log_severity_level = 3
+        # MatMulScaleFusion folds the attention scale into com.microsoft FusedMatMul, which hides the
+        # attention subgraph from our fusion; every other ORT transformer runs as at that level.
+        ort.InferenceSession(str(src), so, providers=providers, disabled_optimizers=PREPASS_DISABLED)
         result = ir.load(dst)
         # Materialise weights before the temporary folder goes away.
         for value in result.graph.initializers.values():

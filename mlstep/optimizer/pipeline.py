@@ -64,6 +64,10 @@ def optimize_file(path: str | Path, options: OptimizeOptions = OptimizeOptions()
 
 
 def _cleanup(model: ir.Model) -> None:
+    for node in model.graph:  # shapes annotated by rebase_shapes on untyped values are not serialisable
+        for value in node.outputs:
+            if value.type is None and value.shape is not None and not value.is_graph_output():
+                value.shape = None
     if any(node.domain == MS_DOMAIN for node in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     for pass_ in (common.RemoveUnusedNodesPass(), common.CommonSubexpressionEliminationPass(),

@@ -239,6 +239,11 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
             out = [limit[0]]
     if out is not None and node.outputs:
         dims[id(node.outputs[0])] = out
+        value = node.outputs[0]
+        if value.shape is None and all(x is not None for x in out) and node.domain in ("", "ai.onnx"):
+            # Annotate what the exporter left out (TorchScript leaves intermediate shapes empty), so
+            # that fusion checks can compare shapes; names are the graph inputs' symbolic dims.
+            value.shape = ir.Shape([x if isinstance(x, int) else ir.SymbolicDim(x) for x in out])
 
 
 def _solve_minus_one(src: list[Dim], known: list[Dim]) -> Dim:

@@ -52,7 +52,7 @@ def _residual(b_shape=("b", "s", 8), b_const=False, axis=-1, sum_used=False) -> 
         nodes.append(helper.make_node("Add", ["sum", "y"], ["z"]))
         outputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)]
     proto = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, consts),
-                              opset_imports=[helper.make_opsetid("", 17)])
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     return ir.serde.deserialize_model(proto)
 
 
