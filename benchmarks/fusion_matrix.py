@@ -1,0 +1,198 @@
+"""Fusion matrix (issue 2, item 10a): mlstep vs ORT's transformers optimizer vs onnxscript ort_fusions.
+
+{bert, distilbert, roberta, albert} x {torchscript 14, torchscript 17, dynamo 18} x {eager, sdpa}, tiny
+random-weight configs (2 layers, hidden 32, 4 heads). Each optimizer runs in its own subprocess (with a
+timeout) so that a crash or a hang of a peer becomes one short line in its cell. Parity: fp32, original
+under ORT_DISABLE_ALL vs candidate, batches with no padding, right padding and left padding.
+
+    .venv/bin/python benchmarks/fusion_matrix.py [--families bert,albert] [--out results.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import compact, fmt_parity, op_counts, run_json_subprocess, short_error  # noqa: E402
+
+FAMILIES = ("bert", "distilbert", "roberta", "albert")
+LAYOUTS = (("torchscript", 14), ("torchscript", 17), ("dynamo", 18))
+ATTENTIONS = ("eager", "sdpa")
+PEERS = ("mlstep", "ort", "onnxscript")
+LAYERS, HEADS, HIDDEN = 2, 4, 32
+PEER_TIMEOUT = 300
+
+
+# --------------------------------------------------------------------------------------------- worker
+def _worker(peer: str, model: str, out: str) -> dict:
+    """Optimize ``model`` with ``peer``, save to ``out``, count fused ops and check parity."""
+    result: dict = {}
+    try:
+        if peer == "mlstep":
+            from mlstep.optimizer import OptimizeOptions, optimize_file
+            from mlstep.optimizer.io import save
+
+            r = optimize_file(model, OptimizeOptions(verbose=True))
+            save(r.model, out)
+            refused = []
+            for entry in r.log:
+                for reason in entry.refused:
+                    line = f"{entry.name}: {reason}"
+                    if line not in refused:
+                        refused.append(line)
+            result["refused"] = refused
+        elif peer == "ort":
+            import logging
+
+            from onnxruntime.transformers import optimizer
+
+            logging.disable(logging.WARNING)
+            m = optimizer.optimize_model(model, model_type="bert", num_heads=HEADS, hidden_size=HIDDEN,
+                                         opt_level=0)
+            result["ort_stats"] = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+            m.save_model_to_file(out)
+        elif peer == "onnxscript":
+            import onnx_ir as ir
+            from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+            m = ir.load(model)
+            m, stats = optimize_for_ort(m)
+            result["stats"] = {k: v for k, v in stats.items() if v}
+            ir.save(m, out)
+        else:
+            raise ValueError(peer)
+    except Exception as err:  # a peer's failure is a table cell, not a crash
+        return {"error": short_error(f"{type(err).__name__}: {err}")}
+    result["counts"] = dict(op_counts(out))
+    try:
+        import onnx_ir as ir
+        from mlstep.validate import check_parity, synthesize_inputs
+
+        cases = synthesize_inputs(ir.load(model))
+        p = check_parity(model, out, "fp32", cases)
+        result["parity"] = {"max_abs_diff": p.max_abs_diff, "passed": p.passed, "worst_case": p.worst_case}
+    except Exception as err:
+        result["parity_error"] = short_error(f"{type(err).__name__}: {err}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------- checks
+def fully_fused(family: str, counts: dict[str, int], layers: int = LAYERS) -> tuple[bool, str]:
+    """Attention per layer, one embedding fusion, 2 (Skip)LayerNorms per layer, a Gelu per layer."""
+    att = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+    eln = counts.get("EmbedLayerNormalization", 0)
+    sln = counts.get("SkipLayerNormalization", 0)
+    ln = counts.get("LayerNormalization", 0)
+    gelu = counts.get("Gelu", 0) + counts.get("BiasGelu", 0) + counts.get("FastGelu", 0)
+    missing = []
+    if att != layers:
+        missing.append(f"Att {att}/{layers}")
+    # BERT/DistilBERT: EmbedLayerNormalization required. RoBERTa (cumsum position ids) and ALBERT
+    # (embedding_size != hidden, projection after the LayerNorm) may end in a plain LayerNormalization.
+    if eln == 1:
+        layer_ln = ln
+    elif family in ("roberta", "albert") and ln >= 1:
+        layer_ln = ln - 1
+    else:
+        layer_ln = ln
+        missing.append("ELN 0/1")
+    if sln + layer_ln != 2 * layers or sln == 0:
+        missing.append(f"SLN+LN {sln}+{layer_ln}/{2 * layers}")
+    if gelu != layers:
+        missing.append(f"Gelu {gelu}/{layers}")
+    return (not missing, ", ".join(missing))
+
+
+def cell(res: dict) -> tuple[str, str]:
+    if "error" in res:
+        return f"error: {res['error']}", "-"
+    par = fmt_parity(res.get("parity")) if "parity" in res else f"error: {res.get('parity_error')}"
+    if res.get("parity") and not res["parity"]["passed"]:
+        par += f" ({res['parity']['worst_case']})"
+    return compact(res.get("counts", {})), par
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--layouts", default="ts14,ts17,dynamo18", help="subset of ts14,ts17,dynamo18")
+    ap.add_argument("--attention", default="eager,sdpa")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--out", help="also write the markdown table (and refusal notes) to this file")
+    ap.add_argument("--json", help="write raw per-cell results as JSON")
+    ap.add_argument("--_worker", nargs=3, metavar=("PEER", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        print(json.dumps(_worker(*args._worker)))
+        return 0
+
+    from mlstep.export import ExportSpec, export_spec
+
+    names = {"ts14": ("torchscript", 14), "ts17": ("torchscript", 17), "dynamo18": ("dynamo", 18)}
+    layouts = [names[x] for x in args.layouts.split(",")]
+    peers = args.peers.split(",")
+    rows, raw, notes = [], {}, []
+    header = ["model", "exporter", "attn", "mlstep fused", "mlstep parity", "fully fused",
+              "ORT fused", "ORT parity", "onnxscript fused", "onnxscript parity"]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mlstep-matrix-") as tmp:
+        for family in args.families.split(","):
+            for exporter, opset in layouts:
+                for attention in args.attention.split(","):
+                    spec = ExportSpec(family, exporter, opset, attention)
+                    src = Path(tmp) / spec.key / "model.onnx"
+                    try:
+                        export_spec(spec, src)
+                    except Exception as err:
+                        rows.append([family, f"{exporter} {opset}", attention, f"export failed: "
+                                     f"{short_error(str(err))}"] + ["-"] * 6)
+                        continue
+                    res = {}
+                    for peer in PEERS:
+                        if peer not in peers:
+                            res[peer] = {"error": "skipped"}
+                            continue
+                        out = Path(tmp) / spec.key / peer / "model.onnx"
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        res[peer] = run_json_subprocess([__file__, "--_worker", peer, str(src), str(out)],
+                                                        PEER_TIMEOUT)
+                    raw[spec.key] = res
+                    m_fused, m_par = cell(res["mlstep"])
+                    ok, why = fully_fused(family, res["mlstep"].get("counts", {})) \
+                        if "counts" in res["mlstep"] else (False, "error")
+                    o_fused, o_par = cell(res["ort"])
+                    s_fused, s_par = cell(res["onnxscript"])
+                    rows.append([family, f"{exporter} {opset}", attention, m_fused, m_par,
+                                 "yes" if ok else f"no ({why})", o_fused, o_par, s_fused, s_par])
+                    if not ok and res["mlstep"].get("refused"):
+                        notes.append(f"- {spec.key}: " + "; ".join(res["mlstep"]["refused"][:6]))
+                    print(f"[{time.perf_counter() - start:6.0f}s] {spec.key}: mlstep {m_fused} {m_par}",
+                          file=sys.stderr, flush=True)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    n_ok = sum(1 for r in rows if r[5] == "yes" and r[4].endswith("pass"))
+    lines += ["", f"mlstep fully fused with parity: {n_ok}/{len(rows)} cells "
+              f"(tiny configs: {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads; {time.perf_counter() - start:.0f} s)",
+              "Legend: Att=Attention MHA=MultiHeadAttention ELN=EmbedLayerNormalization "
+              "SLN=SkipLayerNormalization LN=LayerNormalization BG=BiasGelu G=Gelu FG=FastGelu; "
+              "parity = max |diff| over no/right/left-padded batches, fp32 atol 1e-4 + rtol 1e-3"]
+    if notes:
+        lines += ["", "mlstep refusals (verbose) for cells not fully fused:"] + notes
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
