@@ -269,3 +269,36 @@ def const_array_attr(node: ir.Node) -> float | None:
         return 0.0
     arr = attr.value.numpy().reshape(-1)
     return float(arr[0]) if arr.size == 1 else None
+
+
+def infer_dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Dims]:
+    """Dims of ``values`` (ints / symbolic names): the recorded shape, else this module's symbolic inference
+    run forward over the graph until every asked value is reached. For checks that compare shapes."""
+    out: list[Dims] = [None] * len(values)
+    missing = []
+    for i, value in enumerate(values):
+        if value.shape is not None and all(isinstance(d, int) or d.value for d in value.shape):
+            out[i] = [d if isinstance(d, int) else d.value for d in value.shape]
+        else:
+            missing.append(i)
+    if not missing:
+        return out
+    graph = graph if isinstance(graph, ir.Graph) else graph.graph
+    dims: dict[int, Dims] = {}
+    vals: dict[int, list[Dim]] = {}
+    for inp in graph.inputs:
+        if inp.shape is not None:
+            dims[id(inp)] = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}")
+                             for j, d in enumerate(inp.shape)]
+    wanted = {id(values[i]) for i in missing}
+    for node in graph:
+        _infer(node, dims, vals)
+        for o in node.outputs:
+            if id(o) not in dims and o.shape is not None and all(isinstance(d, int) or d.value for d in o.shape):
+                dims[id(o)] = [d if isinstance(d, int) else d.value for d in o.shape]
+        wanted -= {id(o) for o in node.outputs}
+        if not wanted:
+            break
+    for i in missing:
+        out[i] = dims.get(id(values[i]))
+    return out

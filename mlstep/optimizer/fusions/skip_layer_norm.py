@@ -14,9 +14,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, vector_of
+from mlstep.optimizer.shapes import infer_dims
 
-Dims = list | None
-_ALSO_SAME_SHAPE = {"CumSum"}   # RoBERTa's position ids; missing from the shape pass's table
 
 
 class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
@@ -58,7 +57,7 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
                 return result.fail("biased addend is not MatMul output + bias")
             if vector_of(bias, hidden) is None:
                 return result.fail(f"addend bias is not a 1-D constant of hidden length {hidden}")
-        dims = _dims(context.graph_or_function, [first, b])
+        dims = infer_dims(context.graph_or_function, [first, b])
         da, db = dims[0], dims[1]
         if da is None or db is None:
             return result.fail(f"cannot show the addends have the same shape ({da} vs {db})")
@@ -94,45 +93,6 @@ def _vector(op, value: ir.Value) -> ir.Value:
     if arr is not None and arr.ndim == 1:
         return value
     return op.initializer(ir.tensor(vector_of(value), name=f"{value.name}_1d"))
-
-
-def _dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Dims]:
-    """Shapes as lists of ints / symbolic names: the recorded shape, else the symbolic inference of
-    ``mlstep.optimizer.shapes`` run forward until every asked value is reached."""
-    out: list[Dims] = [None] * len(values)
-    missing = []
-    for i, value in enumerate(values):
-        if value.shape is not None and all(isinstance(d, int) or d.value for d in value.shape):
-            out[i] = [d if isinstance(d, int) else d.value for d in value.shape]
-        else:
-            missing.append(i)
-    if not missing:
-        return out
-    from mlstep.optimizer.shapes import _infer  # the tiny symbolic shape inference of the shape pass
-
-    graph = graph if isinstance(graph, ir.Graph) else graph.graph
-    dims: dict[int, Dims] = {}
-    vals: dict[int, list] = {}
-    for inp in graph.inputs:
-        if inp.shape is not None:
-            dims[id(inp)] = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}")
-                             for j, d in enumerate(inp.shape)]
-    wanted = {id(values[i]) for i in missing}
-    for node in graph:
-        _infer(node, dims, vals)
-        if node.op_type in _ALSO_SAME_SHAPE and node.domain == "" and id(node.inputs[0]) in dims:
-            dims.setdefault(id(node.outputs[0]), dims[id(node.inputs[0])])
-        for o in node.outputs:
-            if id(o) in dims or o.shape is None:
-                continue
-            if all(isinstance(d, int) or d.value for d in o.shape):   # trust recorded shapes
-                dims[id(o)] = [d if isinstance(d, int) else d.value for d in o.shape]
-        wanted -= {id(o) for o in node.outputs}
-        if not wanted:
-            break
-    for i in missing:
-        out[i] = dims.get(id(values[i]))
-    return out
 
 
 def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
