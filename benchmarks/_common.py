@@ -103,8 +103,27 @@ def measure_child(cmd: list[str], timeout: float = 3600, env: dict | None = None
         match = re.search(r"MAXRSS (\d+)", proc.stderr)
         rss_mib = int(match.group(1)) / 1024 if match else float("nan")
     return {"wall_s": wall, "rss_mib": rss_mib, "rc": proc.returncode,
-            "stderr": proc.stderr[-3000:], "stdout": proc.stdout[-3000:]}
+            "stderr": proc.stderr[-3000:], "stdout": proc.stdout[-20000:]}
 
 
 def mlstep_cli() -> str:
     return str(Path(PY).parent / "mlstep")
+
+
+def export_bert(out: str | os.PathLike, layers: int = 12, hidden: int = 768, heads: int = 12,
+                intermediate: int = 3072, timeout: float = 3600) -> dict:
+    """Export a random-weight BERT with the dynamo exporter + external data, in a fresh child process."""
+    code = (
+        "import sys, logging, warnings; sys.path.insert(0, %r); logging.disable(logging.WARNING);"
+        "warnings.simplefilter('ignore');"
+        "import transformers as tf; from mlstep.export import build_model, export_encoder;"
+        "cfg = tf.BertConfig(num_hidden_layers=%d, hidden_size=%d, num_attention_heads=%d, "
+        "intermediate_size=%d); cfg._attn_implementation = 'sdpa';"
+        "export_encoder(build_model(cfg), %r, 'dynamo', 18, external_data=True)"
+    ) % (str(ROOT), layers, hidden, heads, intermediate, str(out))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return measure_child([PY, "-c", code], timeout=timeout)
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

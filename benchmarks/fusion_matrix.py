@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(*args._worker)))
         return 0
 
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)  # torch.onnx's registration chatter
+    warnings.simplefilter("ignore")
     from mlstep.export import ExportSpec, export_spec
 
     names = {"ts14": ("torchscript", 14), "ts17": ("torchscript", 17), "dynamo18": ("dynamo", 18)}

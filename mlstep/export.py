@@ -23,7 +23,7 @@ class ExportSpec:
 
     @property
     def key(self) -> str:
-        return f"{self.family}-{self.exporter}{self.opset}-{self.attention}"
+        return f"{self.family}-{self.exporter}{self.opset}-{self.attention}" + ("" if self.token_type_ids else "-nott")
 
 
 def tiny_config(family: str, attention: str = "sdpa", **overrides):

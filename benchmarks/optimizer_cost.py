@@ -1,0 +1,120 @@
+"""Optimizer cost (issue 2, item 10b): bert-base-sized dynamo export with external data.
+
+Wall time and peak RSS of ``mlstep optimize --precision fp32 --skip-validation --skip-benchmark`` vs ONNX
+Runtime's transformers optimizer (optimize_model + save_model_to_file with external data), each in a fresh
+child process measured with GNU time -v (or RUSAGE_CHILDREN). Target: mlstep <= 1/2 ORT's time and <= 1/4 its
+peak RSS.
+
+    .venv/bin/python benchmarks/optimizer_cost.py [--repeat 2] [--breakdown] [--cprofile 25] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PY, ROOT, dir_size, export_bert, measure_child, mlstep_cli, short_error  # noqa: E402
+
+ORT_CODE = (
+    "import logging, sys; logging.disable(logging.WARNING);"
+    "from onnxruntime.transformers import optimizer;"
+    "m = optimizer.optimize_model(sys.argv[1], model_type='bert', num_heads=%d, hidden_size=%d, opt_level=0);"
+    "m.save_model_to_file(sys.argv[2], use_external_data_format=True);"
+    "print(m.get_fused_operator_statistics())"
+)
+
+
+def measure(model: Path, work: Path, heads: int, hidden: int, repeat: int, which=("mlstep", "ort")) -> dict:
+    """{tool: {"wall_s": [...], "rss_mib": [...], "error": str|None}}"""
+    out: dict = {}
+    for tool in which:
+        runs = {"wall_s": [], "rss_mib": [], "error": None}
+        for i in range(repeat):
+            dest = work / f"{tool}-out-{i}"
+            shutil.rmtree(dest, ignore_errors=True)
+            if tool == "mlstep":
+                cmd = [mlstep_cli(), "optimize", str(model), "-o", str(dest), "--precision", "fp32",
+                       "--skip-validation", "--skip-benchmark"]
+            else:
+                dest.mkdir(parents=True)
+                cmd = [PY, "-c", ORT_CODE % (heads, hidden), str(model), str(dest / "model.onnx")]
+            r = measure_child(cmd)
+            shutil.rmtree(dest, ignore_errors=True)
+            if r["rc"] != 0:
+                runs["error"] = short_error(r["stderr"] or r["stdout"])
+                break
+            runs["wall_s"].append(r["wall_s"])
+            runs["rss_mib"].append(r["rss_mib"])
+        out[tool] = runs
+    return out
+
+
+def fmt(runs: dict) -> tuple[str, str]:
+    if runs["error"]:
+        return f"error: {runs['error']}", "-"
+    return f"{statistics.median(runs['wall_s']):.1f}", f"{max(runs['rss_mib']):.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per tool (median time, max RSS)")
+    ap.add_argument("--breakdown", action="store_true", help="also print mlstep's per-step time / RSS")
+    ap.add_argument("--cprofile", type=int, default=0, help="with --breakdown: top-N cProfile functions")
+    ap.add_argument("--model", help="use this existing export instead of exporting bert-base")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="mlstep-cost-", dir="/tmp"))
+    try:
+        if args.model:
+            model = Path(args.model)
+        else:
+            model = work / "bert-base" / "model.onnx"
+            e = export_bert(model)
+            if e["rc"] != 0:
+                print("export failed:", short_error(e["stderr"]))
+                return 1
+            print(f"exported bert-base (dynamo 18, external data) in {e['wall_s']:.0f} s, "
+                  f"peak RSS {e['rss_mib']:.0f} MiB, {dir_size(model.parent) / 2**20:.0f} MiB on disk",
+                  file=sys.stderr)
+        res = measure(model, work, 12, 768, args.repeat)
+        m_t, m_r = fmt(res["mlstep"])
+        o_t, o_r = fmt(res["ort"])
+        lines = ["| tool | wall s (median of %d) | peak RSS MiB (max) | runs: s / MiB |" % args.repeat,
+                 "|---|---|---|---|"]
+        for tool, t, r in (("mlstep optimize (CLI, fp32, skip validation+benchmark)", m_t, m_r),
+                           ("ORT transformers optimizer (opt_level 0)", o_t, o_r)):
+            runs = res["mlstep" if tool.startswith("mlstep") else "ort"]
+            detail = ", ".join(f"{w:.1f}/{m:.0f}" for w, m in zip(runs["wall_s"], runs["rss_mib"]))
+            lines.append(f"| {tool} | {t} | {r} | {detail} |")
+        if not res["mlstep"]["error"] and not res["ort"]["error"]:
+            tr = statistics.median(res["mlstep"]["wall_s"]) / statistics.median(res["ort"]["wall_s"])
+            rr = max(res["mlstep"]["rss_mib"]) / max(res["ort"]["rss_mib"])
+            lines += ["", f"mlstep/ORT time ratio {tr:.2f} (target <= 0.50: {'met' if tr <= 0.5 else 'MISSED'}); "
+                      f"peak RSS ratio {rr:.2f} (target <= 0.25: {'met' if rr <= 0.25 else 'MISSED'})"]
+        # Fixed cost of the interpreter + imports, for context.
+        base = measure_child([mlstep_cli(), "--help"])
+        lines.append(f"mlstep CLI startup alone (`mlstep --help`): {base['wall_s']:.1f} s, "
+                     f"{base['rss_mib']:.0f} MiB")
+        print("\n".join(lines))
+        if args.breakdown:
+            cmd = [PY, str(ROOT / "benchmarks" / "_breakdown.py"), str(model), str(work / "bd" / "model.onnx")]
+            if args.cprofile:
+                cmd += ["--cprofile", str(args.cprofile)]
+            r = measure_child(cmd)
+            print("\nmlstep pipeline breakdown (library, in one child; peak RSS %.0f MiB, %.1f s):"
+                  % (r["rss_mib"], r["wall_s"]))
+            print(r["stdout"] if r["rc"] == 0 else "error: " + short_error(r["stderr"]))
+            if args.cprofile and r["rc"] == 0:
+                pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

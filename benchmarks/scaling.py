@@ -1,0 +1,87 @@
+"""Scaling (issue 2, item 10c): mlstep optimize time and peak RSS vs depth, BERT hidden 1024.
+
+BERT with hidden 1024, 16 heads, intermediate 4096 at 12, 24 and 48 layers (the 48-layer export is ~2.4 GB),
+dynamo exporter with external data, random weights. Each model is exported in a fresh child, optimized by
+``mlstep optimize --precision fp32 --skip-validation --skip-benchmark`` in a fresh child (GNU time -v), then
+deleted. Targets: time and peak RSS grow linearly; the ~2.4 GB model under 1.5 GB peak RSS.
+
+    .venv/bin/python benchmarks/scaling.py [--layers 12,24,48] [--breakdown 48]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import PY, ROOT, dir_size, export_bert, measure_child, mlstep_cli, short_error  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", default="12,24,48")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--intermediate", type=int, default=4096)
+    ap.add_argument("--breakdown", type=int, default=0, help="print mlstep's per-step breakdown at this depth")
+    ap.add_argument("--export-timeout", type=float, default=1800)
+    args = ap.parse_args(argv)
+
+    rows = []
+    for layers in [int(x) for x in args.layers.split(",")]:
+        work = Path(tempfile.mkdtemp(prefix=f"mlstep-scale{layers}-", dir="/tmp"))
+        try:
+            model = work / "src" / "model.onnx"
+            try:
+                e = export_bert(model, layers, args.hidden, args.heads, args.intermediate,
+                                timeout=args.export_timeout)
+            except Exception as err:  # timeout
+                rows.append((layers, "-", f"export: {short_error(str(err))}", "-", "-", "-"))
+                continue
+            if e["rc"] != 0:
+                rows.append((layers, "-", f"export failed: {short_error(e['stderr'])}", "-", "-", "-"))
+                continue
+            size = dir_size(model.parent) / 2**20
+            print(f"[{layers} layers] exported {size:.0f} MiB in {e['wall_s']:.0f} s (peak {e['rss_mib']:.0f} MiB)",
+                  file=sys.stderr, flush=True)
+            out = work / "opt"
+            r = measure_child([mlstep_cli(), "optimize", str(model), "-o", str(out), "--precision", "fp32",
+                               "--skip-validation", "--skip-benchmark"])
+            if r["rc"] != 0:
+                rows.append((layers, f"{size:.0f}", f"error: {short_error(r['stderr'])}", "-", "-",
+                             f"{e['wall_s']:.0f}"))
+            else:
+                rows.append((layers, f"{size:.0f}", f"{r['wall_s']:.1f}", f"{r['rss_mib']:.0f}",
+                             f"{r['rss_mib'] / size:.2f}", f"{e['wall_s']:.0f} s / {e['rss_mib']:.0f} MiB"))
+            print(f"[{layers} layers] mlstep {r['wall_s']:.1f} s, {r['rss_mib']:.0f} MiB", file=sys.stderr,
+                  flush=True)
+            if args.breakdown == layers:
+                shutil.rmtree(out, ignore_errors=True)
+                b = measure_child([PY, str(ROOT / "benchmarks" / "_breakdown.py"), str(model),
+                                   str(work / "bd" / "model.onnx")])
+                print(f"\nbreakdown at {layers} layers:\n" + (b["stdout"] if b["rc"] == 0 else short_error(b["stderr"])))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    lines = ["| layers | model MiB (onnx + data) | mlstep wall s | mlstep peak RSS MiB | RSS / model size | "
+             "export (time / peak RSS) |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    ok = [r for r in rows if r[3] != "-"]
+    if len(ok) >= 2:
+        (l0, _, t0, m0, *_), (l1, _, t1, m1, *_) = ok[0], ok[-1]
+        k = int(l1) / int(l0)
+        lines.append(f"\n{l0}->{l1} layers (x{k:.0f}): time x{float(t1) / float(t0):.2f}, "
+                     f"peak RSS x{float(m1) / float(m0):.2f}")
+    for r in ok:
+        if float(r[1]) > 2000:
+            lines.append(f"{r[0]} layers ({float(r[1]) / 1024:.2f} GiB): peak RSS {float(r[3]) / 1024:.2f} GiB "
+                         f"(target < 1.5 GB: {'met' if float(r[3]) * 2**20 < 1.5e9 else 'MISSED'})")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Encoder self-attention -> com.microsoft Attention (raw 2-D mask): every layout, parity under right, left
+and holed padding at batch 3, and near-misses made by editing real exports (causal mask, Softmax over a
+non-key axis, K split into other heads than Q) that must not fuse."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import ATTENTIONS, LAYOUTS
+from test_gelu import CTX, ops
+
+from mlstep.export import ExportSpec
+from mlstep.optimizer.fusions._base import MS_DOMAIN, run_fusion
+from mlstep.optimizer.fusions.attention import FUSION
+from mlstep.optimizer.passes import prepare
+
+# Rows of different lengths in every padded case; the holed rows have gaps inside the sequence.
+MASKS = {
+    "right": [[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6],
+    "left": [[1] * 8, [0] * 3 + [1] * 5, [0] * 6 + [1] * 2],
+    "holed": [[1, 0, 1, 1, 0, 1, 1, 1], [1, 1, 1, 0, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1]],
+}
+# The other families on two opposite corners of the matrix; BERT on all of it.
+SUBSET = [("torchscript", 14, "eager"), ("dynamo", 18, "sdpa")]
+MATRIX = ([("bert", e, o, a) for e, o in LAYOUTS for a in ATTENTIONS]
+          + [(f, e, o, a) for f in ("distilbert", "roberta", "albert") for e, o, a in SUBSET])
+
+
+def feeds_for(names, mask, seed: int = 0) -> dict[str, np.ndarray]:
+    """Batch 3, sequence 8; padded positions hold token 1 (RoBERTa's padding id), token types mixed."""
+    rng = np.random.default_rng(seed)
+    mask = np.array(mask, dtype=np.int64)
+    ids = np.where(mask == 1, rng.integers(3, 50, mask.shape), 1)
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": rng.integers(0, 2, mask.shape)}
+    return {k: v.astype(np.int64) for k, v in feeds.items() if k in names}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def assert_parity(original: Path, fused: ir.Model, tmp_path: Path, masks=MASKS) -> None:
+    """ORT (no graph optimizations) on the original vs the fused model: |a-b| <= 1e-4 + 1e-3*|ref|."""
+    path = tmp_path / "fused.onnx"
+    ir.save(fused, path)
+    ref, got = session(original), session(path)
+    names = [i.name for i in ref.get_inputs()]
+    for kind, mask in masks.items():
+        feed = feeds_for(names, mask)
+        expected = ref.run(None, feed)[0]
+        np.testing.assert_allclose(got.run(None, feed)[0], expected, atol=1e-4, rtol=1e-3, err_msg=kind)
+
+
+def attention_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == "Attention" and n.domain == MS_DOMAIN]
+
+
+def graph_input_behind(value: ir.Value, model: ir.Model) -> str | None:
+    """Name of the graph input a value is (through Casts), else None."""
+    while value is not None and value not in model.graph.inputs:
+        node = value.producer()
+        if node is None or node.op_type != "Cast":
+            return None
+        value = node.inputs[0]
+    return None if value is None else value.name
+
+
+# --- positive: every layout -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,exporter,opset,attention", MATRIX)
+def test_attention_fuses_with_raw_mask_and_parity(exported, tmp_path, family, exporter, opset, attention):
+    path = exported(ExportSpec(family, exporter, opset, attention))
+    model = prepare(ir.load(path))
+    assert ops(model)[("", "Softmax")] == 2                      # the export really has two attentions
+    log = run_fusion(FUSION, model, CTX, explain=True)
+    counts = ops(model)
+    fused = attention_nodes(model)
+    assert log.fused == 2, log.refused
+    assert counts[(MS_DOMAIN, "Attention")] == 2
+    assert counts[("", "Softmax")] == 0
+    for node in fused:
+        assert node.attributes.get_int("num_heads") == 4
+        # the raw 2-D mask, not a precomputed bias: any padding is the kernel's business
+        assert len(node.inputs) == 4 and graph_input_behind(node.inputs[3], model) == "attention_mask"
+        assert node.inputs[1].const_value is not None and node.inputs[1].shape == ir.Shape([32, 96])
+    assert_parity(path, model, tmp_path)
+
+
+@pytest.mark.parametrize("exporter,opset,attention", SUBSET)
+def test_albert_layers_share_one_packed_qkv(exported, tmp_path, exporter, opset, attention):
+    path = exported(ExportSpec("albert", exporter, opset, attention))
+    model = prepare(ir.load(path))
+    run_fusion(FUSION, model, CTX)
+    first, second = attention_nodes(model)
+    assert first.inputs[1] is second.inputs[1]                   # one packed weight for both layers
+    assert first.inputs[2] is second.inputs[2]                   # and one packed bias
+    packed = [name for name in model.graph.initializers if name.endswith("qkv_weight")]
+    assert len(packed) == 1, packed
+    saved = tmp_path / "albert_fused.onnx"
+    ir.save(model, saved)
+    stored = ir.load(saved)
+    assert sum(name.endswith("qkv_weight") for name in stored.graph.initializers) == 1
+    assert_parity(path, model, tmp_path)
+
+
+# --- negative: near-misses made from real exports --------------------------------------------------
+
+def _has_matmul_ancestor(value: ir.Value) -> bool:
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul":
+            return True
+        stack.extend(node.inputs)
+    return False
+
+
+def _softmax_adds(model: ir.Model) -> list[tuple[ir.Node, int]]:
+    """(Add feeding a Softmax, index of its mask-bias input): the operand with no MatMul behind it."""
+    found = []
+    for softmax in [n for n in model.graph if n.op_type == "Softmax"]:
+        add = softmax.inputs[0].producer()
+        assert add is not None and add.op_type == "Add"
+        masks = [i for i, v in enumerate(add.inputs) if not _has_matmul_ancestor(v)]
+        assert len(masks) == 1, "expected one mask-bias operand"
+        found.append((add, masks[0]))
+    assert len(found) == 2
+    return found
+
+
+def _const(value: np.ndarray) -> ir.Node:
+    tensor = ir.tensor(value)
+    node = ir.node("Constant", [], attributes={"value": tensor})
+    node.outputs[0].const_value = tensor
+    return node
+
+
+def make_causal(model: ir.Model) -> None:
+    """Each mask bias + triu(-1e9, k=1) over [S, S], S read from the mask input: a causal padding mask."""
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    shape = ir.node("Shape", [mask])
+    index = _const(np.array([1], dtype=np.int64))
+    seq = ir.node("Gather", [shape.outputs[0], index.outputs[0]], attributes={"axis": 0})
+    square = ir.node("Concat", [seq.outputs[0], seq.outputs[0]], attributes={"axis": 0})
+    fill = ir.node("ConstantOfShape", [square.outputs[0]],
+                   attributes={"value": ir.tensor(np.array([-1e9], dtype=np.float32))})
+    k = _const(np.array(1, dtype=np.int64))
+    upper = ir.node("Trilu", [fill.outputs[0], k.outputs[0]], attributes={"upper": 1})
+    causal_nodes = [shape, index, seq, square, fill, k, upper]
+    for i, node in enumerate(causal_nodes):
+        node.outputs[0].name = f"causal_{i}"
+    model.graph.insert_before(next(iter(model.graph)), causal_nodes)
+    for n, (add, index) in enumerate(_softmax_adds(model)):
+        causal = ir.node("Add", [add.inputs[index], upper.outputs[0]])
+        causal.outputs[0].name = f"causal_mask_bias_{n}"
+        model.graph.insert_before(add, causal)
+        add.replace_input_with(index, causal.outputs[0])
+
+
+def softmax_over_queries(model: ir.Model) -> None:
+    for node in model.graph:
+        if node.op_type == "Softmax":
+            node.attributes["axis"] = ir.Attr("axis", ir.AttributeType.INT, 2)
+
+
+def split_keys_differently(model: ir.Model) -> None:
+    """K's head-splitting Reshape becomes [B, S, 2, 16] while Q stays [B, S, 4, 8]."""
+    for add, index in _softmax_adds(model):                       # Add(scores, mask)
+        node = add.inputs[1 - index].producer()
+        while node.op_type != "MatMul":                           # back through the scaling to Q K^T
+            node = next(v.producer() for v in node.inputs if v is not None and v.producer() is not None
+                        and v.const_value is None)
+        node = node.inputs[1].producer()
+        while not (node.op_type == "Reshape" and node.inputs[0].producer().op_type in ("Add", "MatMul")):
+            node = node.inputs[0].producer()                      # Mul / Transpose / Reshape towards the split
+        shape = _const(np.array([0, 0, 2, 16], dtype=np.int64))
+        model.graph.insert_before(node, shape)
+        node.replace_input_with(1, shape.outputs[0])
+
+
+NEAR_MISS_LAYOUTS = [("torchscript", 14, "eager"), ("torchscript", 17, "sdpa"), ("dynamo", 18, "sdpa"),
+                     ("dynamo", 18, "eager")]
+
+
+@pytest.mark.parametrize("exporter,opset,attention", NEAR_MISS_LAYOUTS)
+@pytest.mark.parametrize("edit,says,runs", [(make_causal, "mask", True),
+                                             (softmax_over_queries, "axis", True),
+                                             (split_keys_differently, "head size", False)])
+def test_near_miss_does_not_fuse(exported, tmp_path, exporter, opset, attention, edit, says, runs):
+    path = exported(ExportSpec("bert", exporter, opset, attention))
+    model = prepare(ir.load(path))
+    edit(model)
+    edited = tmp_path / "edited.onnx"
+    ir.save(model, edited)
+    if runs:  # the edit is a valid model that computes something else: fusing it would be wrong
+        names = [i.name for i in session(path).get_inputs()]
+        feed = feeds_for(names, MASKS["right"])
+        assert not np.allclose(session(edited).run(None, feed)[0], session(path).run(None, feed)[0], atol=1e-3)
+    log = run_fusion(FUSION, model, CTX, explain=True)
+    counts = ops(model)
+    assert log.fused == 0
+    assert counts[(MS_DOMAIN, "Attention")] == 0
+    assert counts[("", "Softmax")] == 2
+    assert any(says in reason for reason in log.refused), log.refused
