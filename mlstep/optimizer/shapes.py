@@ -145,8 +145,8 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
                     and all(c is not None for c in content):
                 if all(c != -1 for c in content):
                     vals[id(node.outputs[0])] = content
-                elif ones is not None and ones.op_type == "ConstantOfShape" and \
-                        const_array_attr(ones) == 1:
+                elif (ones is not None and ones.op_type == "ConstantOfShape" and const_array_attr(ones) == 1) \
+                        or _all_ones(ins[1]):
                     vals[id(node.outputs[0])] = [1 if c == -1 else c for c in content]
     elif op == "Gather" and d[0] is not None and d[1] is not None:
         axis = attr.get_int("axis", 0) % len(d[0])
@@ -302,3 +302,8 @@ def infer_dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Di
     for i in missing:
         out[i] = dims.get(id(values[i]))
     return out
+
+
+def _all_ones(value: ir.Value | None) -> bool:
+    arr = const_array(value)
+    return arr is not None and arr.size > 0 and bool(np.all(arr == 1))
