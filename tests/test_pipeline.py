@@ -76,6 +76,18 @@ def test_input_int32(bert, tmp_path):
 @pytest.mark.parametrize("level", [1, 2, 99])
 def test_opt_level_prepass_then_fusions(bert, tmp_path, level):
     result = optimize_file(bert, OptimizeOptions(opt_level=level))
+    _assert_prepass_then_fused(bert, result, level, tmp_path)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_opt_level_on_torchscript_sdpa(exported, tmp_path, level):
+    """ORT's pre-pass constant-folds the mask's shape arithmetic into new forms; attention must still fuse."""
+    path = exported(ExportSpec("bert", "torchscript", 17, "sdpa"))
+    result = optimize_file(path, OptimizeOptions(opt_level=level))
+    _assert_prepass_then_fused(path, result, level, tmp_path)
+
+
+def _assert_prepass_then_fused(bert, result, level, tmp_path):
     # ORT's own pre-pass fuses SkipLayerNormalization (dynamo) or BiasGelu + LayerNorm (TorchScript 14) at
     # level >= 2 but never Attention or EmbedLayerNormalization; mlstep fuses the rest on its output.
     assert result.fusions == FULLY_FUSED
