@@ -44,6 +44,7 @@ def main() -> None:
     from mlstep.optimizer.passes import prepare
     from mlstep.optimizer.pipeline import _cleanup
 
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     profiler = cProfile.Profile() if top else None
     state: dict = {}
@@ -70,7 +71,12 @@ def main() -> None:
         log = step(f"fusion:{fusion.name}", lambda f=fusion: run_fusion(f, model, ctx, explain=False))
         state[fusion.name] = log.fused
     step("cleanup", lambda: _cleanup(model))
-    step("save", lambda: io.save(model, out_path))
+    if "--save-external" in sys.argv:  # every weight into <name>.data, whatever io.save's threshold says
+        import onnx_ir as ir
+
+        step("save (all external)", lambda: ir.save(model, out_path, external_data=Path(out_path).name + ".data"))
+    else:
+        step("save", lambda: io.save(model, out_path))
 
     print(f"{'step':28s} {'seconds':>8s} {'RSS after MiB':>14s} {'step peak MiB':>14s}")
     for name, dt, rss, hwm in rows:

@@ -127,3 +127,21 @@ def export_bert(out: str | os.PathLike, layers: int = 12, hidden: int = 768, hea
 
 def dir_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+_LOADS_CODE = (
+    "import json, sys, onnxruntime as ort\n"
+    "try:\n"
+    "    so = ort.SessionOptions(); so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL\n"
+    "    ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider']); print(json.dumps({'ok': True}))\n"
+    "except Exception as e:\n"
+    "    print(json.dumps({'ok': False, 'error': str(e).strip().splitlines()[-1][-160:]}))\n"
+)
+
+
+def check_loads(model_path: str | os.PathLike, timeout: float = 600) -> str:
+    """'yes' when ONNX Runtime can create a session for the model, else 'NO: <reason>' (fresh child)."""
+    r = run_json_subprocess(["-c", _LOADS_CODE, str(model_path)], timeout)
+    if r.get("ok"):
+        return "yes"
+    return "NO: " + short_error(r.get("error", "?"), 120)

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = work / "src" / "model.onnx"
         export_encoder(build_model(cfg), src, args.exporter, 18 if args.exporter == "dynamo" else 17,
-                       external_data=args.bert_base)
+                       external_data=False)  # < 2 GB; see report: io.save drops external data below 1 GiB
         r = optimize_file(src, OptimizeOptions())
         fused = save(r.model, work / "fp32" / "model.onnx")
 

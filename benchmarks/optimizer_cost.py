@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PY, ROOT, dir_size, export_bert, measure_child, mlstep_cli, short_error  # noqa: E402
+from _common import PY, ROOT, check_loads, dir_size, export_bert, measure_child, mlstep_cli, short_error  # noqa: E402
 
 ORT_CODE = (
     "import logging, sys; logging.disable(logging.WARNING);"
@@ -33,7 +33,7 @@ def measure(model: Path, work: Path, heads: int, hidden: int, repeat: int, which
     """{tool: {"wall_s": [...], "rss_mib": [...], "error": str|None}}"""
     out: dict = {}
     for tool in which:
-        runs = {"wall_s": [], "rss_mib": [], "error": None}
+        runs = {"wall_s": [], "rss_mib": [], "error": None, "loads": "-", "out_mib": 0.0}
         for i in range(repeat):
             dest = work / f"{tool}-out-{i}"
             shutil.rmtree(dest, ignore_errors=True)
@@ -44,6 +44,10 @@ def measure(model: Path, work: Path, heads: int, hidden: int, repeat: int, which
                 dest.mkdir(parents=True)
                 cmd = [PY, "-c", ORT_CODE % (heads, hidden), str(model), str(dest / "model.onnx")]
             r = measure_child(cmd)
+            if i == 0 and r["rc"] == 0:  # outside the timing: is the written model usable?
+                written = dest / ("fp32/model.onnx" if tool == "mlstep" else "model.onnx")
+                runs["loads"] = check_loads(written)
+                runs["out_mib"] = dir_size(written.parent) / 2**20
             shutil.rmtree(dest, ignore_errors=True)
             if r["rc"] != 0:
                 runs["error"] = short_error(r["stderr"] or r["stdout"])
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per tool (median time, max RSS)")
     ap.add_argument("--breakdown", action="store_true", help="also print mlstep's per-step time / RSS")
     ap.add_argument("--cprofile", type=int, default=0, help="with --breakdown: top-N cProfile functions")
+    ap.add_argument("--save-external", action="store_true",
+                    help="with --breakdown: save with all weights as external data (what a fixed io.save costs)")
     ap.add_argument("--model", help="use this existing export instead of exporting bert-base")
     args = ap.parse_args(argv)
 
@@ -84,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         res = measure(model, work, 12, 768, args.repeat)
         m_t, m_r = fmt(res["mlstep"])
         o_t, o_r = fmt(res["ort"])
-        lines = ["| tool | wall s (median of %d) | peak RSS MiB (max) | runs: s / MiB |" % args.repeat,
-                 "|---|---|---|---|"]
+        lines = ["| tool | wall s (median of %d) | peak RSS MiB (max) | runs: s / MiB | output MiB | "
+                 "output loads in ORT |" % args.repeat, "|---|---|---|---|---|---|"]
         for tool, t, r in (("mlstep optimize (CLI, fp32, skip validation+benchmark)", m_t, m_r),
                            ("ORT transformers optimizer (opt_level 0)", o_t, o_r)):
             runs = res["mlstep" if tool.startswith("mlstep") else "ort"]
             detail = ", ".join(f"{w:.1f}/{m:.0f}" for w, m in zip(runs["wall_s"], runs["rss_mib"]))
-            lines.append(f"| {tool} | {t} | {r} | {detail} |")
+            lines.append(f"| {tool} | {t} | {r} | {detail} | {runs['out_mib']:.0f} | {runs['loads']} |")
         if not res["mlstep"]["error"] and not res["ort"]["error"]:
             tr = statistics.median(res["mlstep"]["wall_s"]) / statistics.median(res["ort"]["wall_s"])
             rr = max(res["mlstep"]["rss_mib"]) / max(res["ort"]["rss_mib"])
@@ -105,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [PY, str(ROOT / "benchmarks" / "_breakdown.py"), str(model), str(work / "bd" / "model.onnx")]
             if args.cprofile:
                 cmd += ["--cprofile", str(args.cprofile)]
+            if args.save_external:
+                cmd += ["--save-external"]
             r = measure_child(cmd)
-            print("\nmlstep pipeline breakdown (library, in one child; peak RSS %.0f MiB, %.1f s):"
-                  % (r["rss_mib"], r["wall_s"]))
+            # (the child resets its peak-RSS counter per step, so its overall peak is the max step peak)
+            print("\nmlstep pipeline breakdown (library, in one child, %.1f s wall incl. imports):" % r["wall_s"])
             print(r["stdout"] if r["rc"] == 0 else "error: " + short_error(r["stderr"]))
-            if args.cprofile and r["rc"] == 0:
-                pass
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import PY, ROOT, dir_size, export_bert, measure_child, mlstep_cli, short_error  # noqa: E402
+from _common import PY, ROOT, check_loads, dir_size, export_bert, measure_child, mlstep_cli, short_error  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                 e = export_bert(model, layers, args.hidden, args.heads, args.intermediate,
                                 timeout=args.export_timeout)
             except Exception as err:  # timeout
-                rows.append((layers, "-", f"export: {short_error(str(err))}", "-", "-", "-"))
+                rows.append((layers, "-", f"export: {short_error(str(err))}", "-", "-", "-", "-", "-"))
                 continue
             if e["rc"] != 0:
-                rows.append((layers, "-", f"export failed: {short_error(e['stderr'])}", "-", "-", "-"))
+                rows.append((layers, "-", f"export failed: {short_error(e['stderr'])}", "-", "-", "-", "-", "-"))
                 continue
             size = dir_size(model.parent) / 2**20
             print(f"[{layers} layers] exported {size:.0f} MiB in {e['wall_s']:.0f} s (peak {e['rss_mib']:.0f} MiB)",
@@ -52,10 +52,12 @@ def main(argv: list[str] | None = None) -> int:
                                "--skip-validation", "--skip-benchmark"])
             if r["rc"] != 0:
                 rows.append((layers, f"{size:.0f}", f"error: {short_error(r['stderr'])}", "-", "-",
-                             f"{e['wall_s']:.0f}"))
+                             f"{e['wall_s']:.0f}", "-", "-"))
             else:
+                written = out / "fp32" / "model.onnx"
                 rows.append((layers, f"{size:.0f}", f"{r['wall_s']:.1f}", f"{r['rss_mib']:.0f}",
-                             f"{r['rss_mib'] / size:.2f}", f"{e['wall_s']:.0f} s / {e['rss_mib']:.0f} MiB"))
+                             f"{r['rss_mib'] / size:.2f}", f"{e['wall_s']:.0f} s / {e['rss_mib']:.0f} MiB",
+                             f"{dir_size(written.parent) / 2**20:.0f}", check_loads(written)))
             print(f"[{layers} layers] mlstep {r['wall_s']:.1f} s, {r['rss_mib']:.0f} MiB", file=sys.stderr,
                   flush=True)
             if args.breakdown == layers:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     lines = ["| layers | model MiB (onnx + data) | mlstep wall s | mlstep peak RSS MiB | RSS / model size | "
-             "export (time / peak RSS) |", "|---|---|---|---|---|---|"]
+             "export (time / peak RSS) | output MiB | output loads in ORT |", "|---|---|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     ok = [r for r in rows if r[3] != "-"]
     if len(ok) >= 2:

@@ -173,3 +173,22 @@ def test_detects_sizes_on_every_family(exported, family, exporter, opset, attent
     assert result.detected == Detected("bert", 4, 32)
     gelu = "FastGelu" if family == "albert" else "BiasGelu"     # ALBERT's gelu_new is the tanh form
     assert result.fusions == {"Attention": 2, gelu: 2, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}
+
+
+def test_external_data_source_gives_a_self_contained_output(tmp_path):
+    """A source whose weights live in a .data file (under the 1 GiB threshold): the saved variant must carry
+    its own weights beside it, not point into the source folder."""
+    from mlstep.export import build_model, export_encoder, tiny_config
+    from mlstep.optimizer.io import save
+
+    src = export_encoder(build_model(tiny_config("bert")), tmp_path / "src" / "model.onnx", "dynamo", 18,
+                         external_data=True)
+    assert any(p.suffix == ".data" for p in src.parent.iterdir())
+    out = save(optimize_file(src).model, tmp_path / "out" / "model.onnx")
+    assert (out.parent / "model.onnx.data").is_file()
+    moved = tmp_path / "moved"
+    (tmp_path / "out").rename(moved)     # nothing may point back at the source or the old folder
+    (tmp_path / "src").rename(tmp_path / "gone")
+    original = tmp_path / "gone" / "model.onnx"
+    result = check_parity(original, moved / "model.onnx", "fp32", synthesize_inputs(ir.load(original), batch=3))
+    assert result.passed, (result.worst_output, result.worst_case, result.max_abs_diff)

@@ -56,13 +56,19 @@ def save(model: ir.Model, path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        # External data when the weights are large, and also when the source kept its weights outside:
+        # untouched initializers still point into the source's data file, so they must be written out.
+        if weight_bytes(model) > EXTERNAL_DATA_THRESHOLD or _has_external(model):
             ir.save(model, path, external_data=path.name + DATA_SUFFIX)
         else:
             ir.save(model, path)
     except OSError as err:
         raise OutputError(f"cannot write {path}: {err.strerror or err}") from err
     return path
+
+
+def _has_external(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 def _first_line(err: BaseException) -> str:

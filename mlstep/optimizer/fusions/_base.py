@@ -41,9 +41,12 @@ class Fusion:
     name: str
     rules: Callable[[FusionContext], Sequence[pattern.RewriteRule]]
     commute: bool = True
+    anchor: str = ""        # an op every match contains; a graph without it is skipped without matching
 
 
 def run_fusion(fusion: Fusion, model: ir.Model, ctx: FusionContext, explain: bool = False) -> FusionLog:
+    if fusion.anchor and not any(node.op_type == fusion.anchor for node in model.graph):
+        return FusionLog(fusion.name)
     rule_list = list(fusion.rules(ctx))
     if not rule_list:
         return FusionLog(fusion.name, refused=["no rules for this model type"])
@@ -72,6 +75,16 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
         return None
     tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
+
+
+def const_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of an initializer (or Constant) without reading its data; None if not constant."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return tuple(value.const_value.shape)
+    arr = const_array(value)
+    return None if arr is None else tuple(arr.shape)
 
 
 def const_scalar(value: ir.Value | None) -> float | None:

@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar,
-                                             last_axis, shape_tail)
+                                             const_shape, last_axis, shape_tail)
 from mlstep.optimizer.probe import padding_mask_source
 
 
@@ -31,7 +31,14 @@ def _packed(op, parts, axis: int, suffix: str) -> ir.Value:
     graph = parts[0].graph
     if graph is not None and name in graph.initializers:
         return graph.initializers[name]
-    return op.initializer(ir.tensor(np.concatenate([const_array(p) for p in parts], axis=axis)), name=name)
+    tensors = [p.const_value for p in parts]
+    shape = list(tensors[0].shape)
+    shape[axis] = sum(t.shape[axis] for t in tensors)
+    # Lazy: the concatenation happens when the model is saved (or run), one layer at a time, so that
+    # packing 48 layers never holds 48 packed copies in memory at once.
+    packed = ir.LazyTensor(lambda: ir.tensor(np.concatenate([t.numpy() for t in tensors], axis=axis)),
+                           dtype=tensors[0].dtype, shape=ir.Shape(shape), name=name)
+    return op.initializer(packed, name=name)
 
 
 def _linear(op, x, w, b):
@@ -76,14 +83,14 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
               s_scaling, masked, q_scale=None, k_scale=None, s_scale=None, mask_bias=None, zero=None,
               ctx_shape=None, **_):
         result = pattern.MatchResult()
-        weights = [const_array(w) for w in (wq, wk, wv)]
-        biases = [const_array(b) for b in (bq, bk, bv)]
-        if any(w is None or w.ndim != 2 for w in weights):
+        weights = [const_shape(w) for w in (wq, wk, wv)]   # shapes only: weights stay on disk until saved
+        biases = [const_shape(b) for b in (bq, bk, bv)]
+        if any(w is None or len(w) != 2 for w in weights):
             return result.fail("Q/K/V weights are not constant 2-D matrices")
-        hidden_in, hidden = weights[0].shape
-        if any(w.shape != (hidden_in, hidden) for w in weights):
-            return result.fail(f"Q/K/V weights differ in shape: {[w.shape for w in weights]}")
-        if any(b is None or b.shape != (hidden,) for b in biases):
+        hidden_in, hidden = weights[0]
+        if any(w != (hidden_in, hidden) for w in weights):
+            return result.fail(f"Q/K/V weights differ in shape: {weights}")
+        if any(b != (hidden,) for b in biases):
             return result.fail("Q/K/V biases are not constant vectors of the hidden size")
         heads, head_size = self._heads(q_shape, hidden)
         if not heads:
@@ -107,7 +114,7 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, q_scaled, k_scaled, s_scaling, masked,
                 q_scale=None, k_scale=None, s_scale=None, mask_bias=None, **_):
-        hidden = const_array(wq).shape[1]
+        hidden = const_shape(wq)[1]
         heads, head_size = self._heads(q_shape, hidden)
         inputs = [x, _packed(op, (wq, wk, wv), axis=1, suffix="qkv_weight"),
                   _packed(op, (bq, bk, bv), axis=0, suffix="qkv_bias")]
@@ -156,4 +163,4 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         return self._mask_memo[mask_bias.name]
 
 
-FUSION = Fusion("attention", lambda ctx: [EncoderAttention.rule(ctx)], commute=False)
+FUSION = Fusion("attention", lambda ctx: [EncoderAttention.rule(ctx)], commute=False, anchor="Softmax")

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_shape
 from mlstep.optimizer.probe import ancestry, evaluate, is_arange
 
 
@@ -56,12 +56,12 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         model = context.model
         inputs = model.graph.inputs
-        tables = [const_array(t) for t in (word, position) + ((token_type,) if self._with_tt else ())]
-        if any(t is None or t.ndim != 2 for t in tables):
+        tables = [const_shape(t) for t in (word, position) + ((token_type,) if self._with_tt else ())]
+        if any(t is None or len(t) != 2 for t in tables):
             return result.fail("embedding tables are not constant 2-D matrices")
-        if len({t.shape[1] for t in tables}) != 1:
-            return result.fail(f"embedding widths differ: {[t.shape for t in tables]}")
-        if const_array(gamma) is None or const_array(beta) is None:
+        if len({t[1] for t in tables}) != 1:
+            return result.fail(f"embedding widths differ: {tables}")
+        if const_shape(gamma) is None or const_shape(beta) is None:
             return result.fail("LayerNorm scale/shift are not constants")
         if normed.producer().attributes.get_int("axis", -1) not in (-1, 2):
             return result.fail("LayerNorm is not over the last axis")
@@ -124,4 +124,5 @@ def _all_zero(model: ir.Model, value: ir.Value) -> bool:
     return out.size > 0 and not np.any(out)
 
 
-FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order) for order in ("wt+p", "wp+t", "wp")])
+FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order) for order in ("wt+p", "wp+t", "wp")],
+                anchor="Gather")

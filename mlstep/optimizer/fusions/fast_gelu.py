@@ -83,4 +83,4 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
             for flip in (False, True)]
 
 
-FUSION = Fusion("fast_gelu", _rules, commute=False)
+FUSION = Fusion("fast_gelu", _rules, commute=False, anchor="Tanh")

@@ -98,4 +98,4 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
             for bias in (True, False) for half in ("product", "x", "erf") for scale in ("div", "mul")]
 
 
-FUSION = Fusion("gelu", _rules)
+FUSION = Fusion("gelu", _rules, anchor="Erf")

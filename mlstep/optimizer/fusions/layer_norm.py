@@ -143,4 +143,4 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
     return rules
 
 
-FUSION = Fusion("layer_norm", _rules)
+FUSION = Fusion("layer_norm", _rules, anchor="ReduceMean")

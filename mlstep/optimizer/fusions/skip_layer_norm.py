@@ -103,4 +103,4 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
             for bias in (True, False) for s in (False, True)]
 
 
-FUSION = Fusion("skip_layer_norm", _rules)
+FUSION = Fusion("skip_layer_norm", _rules, anchor="LayerNormalization")
