@@ -110,3 +110,119 @@ def export_encoder(model, path: Path, exporter: str = "dynamo", opset: int = 18,
 def export_spec(spec: ExportSpec, path: Path) -> Path:
     model = build_model(tiny_config(spec.family, spec.attention))
     return export_encoder(model, path, spec.exporter, spec.opset, spec.token_type_ids)
+
+
+# --- GPT-2 (causal LM) --------------------------------------------------------------------------------
+
+GPT2_TINY = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=128)
+
+
+def tiny_gpt2_config(attention: str = "sdpa", **overrides):
+    import transformers as tf
+
+    cfg = tf.GPT2Config(**{**GPT2_TINY, **overrides})
+    cfg._attn_implementation = attention
+    return cfg
+
+
+def build_gpt2(config, lm_head: bool = True, seed: int = 0):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cls = tf.GPT2LMHeadModel if lm_head else tf.GPT2Model
+    model = cls(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.eval()
+    return model
+
+
+def gpt2_io_names(n_layer: int, with_past: bool, lm_head: bool = True) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "position_ids", "attention_mask"]
+    outputs = ["logits" if lm_head else "last_hidden_state"]
+    if with_past:
+        inputs += [f"past_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+        outputs += [f"present_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+    return inputs, outputs
+
+
+class _GPT2Wrapper:
+    """Flat tensors in and out: transformers 5 passes past state as a Cache object, ONNX wants tensors."""
+
+    @staticmethod
+    def make(model, with_past: bool):
+        import torch
+        from transformers import DynamicCache
+
+        n_layer = model.config.n_layer
+        lm_head = hasattr(model, "lm_head")
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, input_ids, position_ids, attention_mask, *past):
+                cache = None
+                if with_past:
+                    cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(n_layer)],
+                                         config=model.config)
+                out = self.inner(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                 past_key_values=cache, use_cache=with_past)
+                first = out.logits if lm_head else out.last_hidden_state
+                if not with_past:
+                    return first
+                presents = []
+                for layer in out.past_key_values.layers:
+                    presents += [layer.keys, layer.values]
+                return (first, *presents)
+
+        return Wrapper().eval()
+
+
+def export_gpt2(model, path: Path, exporter: str = "dynamo", opset: int = 18, with_past: bool = False,
+                external_data: bool = False) -> Path:
+    """Export GPT2Model / GPT2LMHeadModel. Inputs input_ids, position_ids, attention_mask (past + current)
+    [, past_key_i, past_value_i]; outputs logits (or last_hidden_state) [, present_key_i, present_value_i];
+    dynamic batch, sequence and past axes."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    lm_head = hasattr(model, "lm_head")
+    names, outs = gpt2_io_names(cfg.n_layer, with_past, lm_head)
+    batch, seq, past_len = 2, 3, 4 if with_past else 0
+    head = cfg.n_embd // cfg.n_head
+    args = [torch.randint(0, cfg.vocab_size, (batch, seq)),
+            torch.arange(past_len, past_len + seq).repeat(batch, 1),
+            torch.ones(batch, past_len + seq, dtype=torch.int64)]
+    if with_past:
+        args += [torch.randn(batch, cfg.n_head, past_len, head) for _ in range(2 * cfg.n_layer)]
+    wrapped = _GPT2Wrapper.make(model, with_past)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            axes = {"input_ids": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "total_sequence"}}
+            axes[outs[0]] = {0: "batch", 1: "sequence"}
+            for n in names[3:]:
+                axes[n] = {0: "batch", 2: "past_sequence"}
+            for n in outs[1:]:
+                axes[n] = {0: "batch", 2: "total_sequence"}
+            torch.onnx.export(wrapped, tuple(args), str(path), input_names=names, output_names=outs,
+                              opset_version=opset, dynamo=False, dynamic_axes=axes)
+        elif exporter == "dynamo":
+            auto = torch.export.Dim.AUTO   # let torch.export relate mask length = past + sequence itself
+            shapes = [{0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}]
+            past_shapes = tuple({0: auto, 2: auto} for _ in range(2 * cfg.n_layer)) if with_past else ()
+            prog = torch.onnx.export(wrapped, tuple(args), input_names=names, output_names=outs,
+                                     opset_version=opset, dynamo=True,
+                                     dynamic_shapes=(*shapes, past_shapes) if with_past else tuple(shapes),
+                                     verbose=False)
+            prog.save(str(path), external_data=external_data)
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}")
+    return path

@@ -38,6 +38,7 @@ from mlstep.report import VariantFacts, build_report, failed_gates, gates_passed
 
 PRECISIONS = ("fp32", "fp16")
 MODEL_FILE = "model.onnx"
+LATENCY_DIR = "latency"        # the gates' benchmark.json, gates.json, latency.png
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 STAGES = ("resolve", "optimize", "variants", "inputs", "parity", "latency", "report", "commit")
 
@@ -53,6 +54,9 @@ class StepSettings:
     sequence_length: int = 8
     warmup: int = 5
     repeat: int = 30
+    max_slowdown: float = 0.05             # latency gate: variant median <= source median x (1 + max_slowdown)
+    min_speedup: float | None = None       # latency gate (optional): source median / variant median >= this
+    require_gpu: bool = False              # exit 2 unless CUDA loads: a GPU job never measures the CPU by accident
 
     def checked(self) -> "StepSettings":
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -70,7 +74,8 @@ class StepSettings:
     def as_dict(self) -> dict[str, Any]:
         return {"precision": list(self.precisions), "skip_validation": not self.validate,
                 "skip_benchmark": not self.benchmark, "batch_size": self.batch_size,
-                "sequence_length": self.sequence_length}
+                "sequence_length": self.sequence_length, "warmup": self.warmup, "repeat": self.repeat,
+                "max_slowdown": self.max_slowdown, "min_speedup": self.min_speedup, "require_gpu": self.require_gpu}
 
 
 class Listener(Protocol):
@@ -94,6 +99,7 @@ class StepResult:
     passed: bool
     output_dir: Path
     fusion_log: list = field(default_factory=list)     # optimizer FusionLog entries (what fused, what was refused)
+    gates: Any = None        # mlstep.bench.gates.GateResults (files under output_dir/latency/) or None when skipped
 
     @property
     def no_fusions(self) -> bool:
@@ -114,6 +120,9 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
     settings = settings.checked()
     # The CLI's --precision decides the fp16 variant; the option records it (and joins the options hash).
     options = dataclasses.replace(options, float16="fp16" in settings.precisions).validate()
+    if settings.require_gpu:                      # fail before any work, not after optimizing on the CPU
+        from mlstep.bench.gates import require_cuda
+        require_cuda()
 
     with _stage(listener, "resolve", str(source)):
         model_path = resolve_source(source)
@@ -126,11 +135,11 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
             note(_fusion_text(optimized.fusions))
         with _stage(listener, "variants", ", ".join(settings.precisions)):
             paths, fusions = build_variants(optimized.model, settings.precisions, tmp)
-        parity, latency, baseline = {}, {}, None
+        parity, latency, baseline, gates = {}, {}, None, None
         if settings.validate or settings.benchmark:
             with _stage(listener, "inputs", f"batch {settings.batch_size} x sequence {settings.sequence_length}"):
                 cases = make_inputs(model_path, settings)
-            providers = _providers(options.use_gpu)
+            providers = _providers(options.use_gpu or settings.require_gpu)
             if settings.validate:
                 with _stage(listener, "parity") as note:
                     parity = validate(model_path, paths, cases, providers)
@@ -138,9 +147,12 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                                    for n, r in parity.items()))
             if settings.benchmark:
                 with _stage(listener, "latency") as note:
-                    baseline, latency = benchmark(model_path, paths, cases[0].feeds, providers, settings)
+                    from mlstep.bench.gates import GateSettings, run_gates
+                    gates = run_gates(model_path, paths, GateSettings.from_settings(
+                        settings, use_gpu=options.use_gpu), output_dir=tmp / LATENCY_DIR)
+                    baseline, latency = gates.baseline, {n: g.stats for n, g in gates.variants.items()}
                     note(", ".join(f"{n} {s.median_ms:.2f} ms" for n, s in latency.items())
-                         + f" (source {baseline.median_ms:.2f} ms)")
+                         + f" (source {baseline.median_ms:.2f} ms, {gates.provider})")
         with _stage(listener, "report"):
             facts = {name: VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
                                         parity=parity.get(name), latency=latency.get(name), baseline=baseline)
@@ -150,11 +162,15 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                                   hidden_size=optimized.detected.hidden_size,
                                   options=_options_dict(options, settings), variants=facts,
                                   optimizer_seconds=optimized.seconds)
+            if gates is not None:
+                from mlstep.bench.gates import apply_to_report
+                apply_to_report(report, gates)   # gate.latency passed|failed, gate.passed
             write_report(report, tmp, fusion_log=optimized.log if options.verbose else None)
         listener.start("commit", str(output_dir))
         committing = time.perf_counter()
     listener.done("commit", time.perf_counter() - committing, str(output_dir))
-    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log))
+    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log),
+                      gates.moved(tmp, output_dir) if gates is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------- stages

@@ -50,6 +50,22 @@ BatchOpt = Annotated[int, typer.Option(
 SequenceOpt = Annotated[int, typer.Option(
     "--sequence-length", min=1, rich_help_panel=STEP,
     help="Sequence length of the synthesized inputs used for parity and latency.")]
+GATE = "Latency gate options"
+MaxSlowdownOpt = Annotated[float, typer.Option(
+    "--max-slowdown", min=0.0, rich_help_panel=GATE,
+    help="A variant fails the latency gate when its median exceeds the source's median x (1 + this).")]
+MinSpeedupOpt = Annotated[Optional[float], typer.Option(
+    "--min-speedup", min=0.0, show_default=False, rich_help_panel=GATE,
+    help="Also fail a variant whose speedup (source median / variant median) is below this.")]
+RequireGpuOpt = Annotated[bool, typer.Option(
+    "--require-gpu", rich_help_panel=GATE,
+    help="Exit 2 unless CUDAExecutionProvider loads (validate and measure on CUDA, never quietly on the CPU).")]
+WarmupOpt = Annotated[int, typer.Option(
+    "--warmup", min=0, rich_help_panel=GATE, help="Untimed rounds per model before timing.")]
+RepeatOpt = Annotated[int, typer.Option(
+    "--repeat", min=1, rich_help_panel=GATE,
+    help="Timed rounds per model (each round averages several calls; rounds of the source and the variants "
+         "are interleaved).")]
 ModelTypeOpt = Annotated[ModelType, typer.Option(
     "--model-type", case_sensitive=False, rich_help_panel=OPT,
     help="Model family; 'auto' detects it from the graph.")]
@@ -84,6 +100,11 @@ def optimize(
     skip_benchmark: SkipBenchmarkOpt = False,
     batch_size: BatchOpt = 2,
     sequence_length: SequenceOpt = 8,
+    max_slowdown: MaxSlowdownOpt = 0.05,
+    min_speedup: MinSpeedupOpt = None,
+    require_gpu: RequireGpuOpt = False,
+    warmup: WarmupOpt = 5,
+    repeat: RepeatOpt = 30,
     model_type: ModelTypeOpt = ModelType.auto,
     num_heads: NumHeadsOpt = 0,
     hidden_size: HiddenSizeOpt = 0,
@@ -107,7 +128,8 @@ def optimize(
     settings = step.StepSettings(
         precisions=tuple(p.value for p in precision) if precision else step.PRECISIONS,
         validate=not skip_validation, benchmark=not skip_benchmark,
-        batch_size=batch_size, sequence_length=sequence_length)
+        batch_size=batch_size, sequence_length=sequence_length, warmup=warmup, repeat=repeat,
+        max_slowdown=max_slowdown, min_speedup=min_speedup, require_gpu=require_gpu)
     with _progress(verbose) as listener:
         result = step.run(source, output, options, settings, listener)
     _print_summary(result, verbose)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 MODEL_TYPES = ("auto", "bert", "gpt2", "bert_tf", "bert_keras")
 OPT_LEVELS = (0, 1, 2, 99)
-FUSIONS = ("layer_norm", "skip_layer_norm", "gelu", "fast_gelu", "attention", "embed_layer_norm")
+FUSIONS = ("gemm_to_matmul", "layer_norm", "skip_layer_norm", "gelu", "fast_gelu", "attention", "embed_layer_norm")
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
     log = []
     for fusion in FUSION_ORDER:
         if fusion.name in options.disabled_fusions:
-            log.append(FusionLog(fusion.name, refused=["disabled by option"]))
+            log.append(FusionLog(fusion.title, refused=["disabled by option"]))
             continue
         log.append(run_fusion(fusion, model, ctx, explain=options.verbose))
     if options.input_int32:

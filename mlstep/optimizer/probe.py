@@ -154,3 +154,59 @@ def is_arange(model: ir.Model, value: ir.Value) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return all(out.reshape(-1).tolist() == list(range(seq)) and out.ndim in (1, 2) for out, seq in zip(outs, seqs))
+
+
+def _shape_feed(value: ir.Value, batch: int, seq: int, past: int, total: int) -> np.ndarray:
+    """Zeros shaped like a shape-only input: ids [batch, seq], masks [batch, total], past [batch, .., past, ..]."""
+    dtype = _NP.get(value.dtype, np.int64)
+    rank = len(value.shape) if value.shape is not None else 2
+    if rank == 2:
+        return np.zeros((batch, total if "mask" in value.name else seq), dtype=dtype)
+    if rank == 4:
+        static = [d if isinstance(d, int) else 1 for d in value.shape]
+        return np.zeros((batch, static[1], past, static[3]), dtype=dtype)
+    return np.zeros([batch, seq] + [d if isinstance(d, int) else 1 for d in value.shape[2:]], dtype=dtype)
+
+
+def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, float, str]:
+    """If ``bias`` is a causal mask combined with the padding mask of one 2-D input spanning past + current
+    tokens -- 0 where ``mask[b, j] == 1 and j <= past + i``, a large negative value elsewhere -- return that
+    input and the negative fill value (the fused op reproduces it, so that even rows with nothing to attend
+    to match the original). Otherwise (None, 0, reason)."""
+    anc = ancestry(model.graph, bias)
+    if len(anc.data_inputs) != 1:
+        return None, 0.0, f"the attention mask depends on {[v.name for v in anc.data_inputs]}, not one mask input"
+    source = anc.data_inputs[0]
+    if source.shape is None or len(source.shape) != 2 or source.dtype not in _NP:
+        return None, 0.0, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
+    has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
+        v.name.startswith("past") for v in model.graph.inputs)
+    shapes = [(3, 4, 3), (2, 1, 5)] if has_past else [(3, 5, 0), (2, 7, 0)]
+    feeds_list, masks = [], []
+    for batch, seq, past in shapes:
+        mask = _masks(batch, past + seq)
+        feeds = {v.name: _shape_feed(v, batch, seq, past, past + seq) for v in anc.shape_inputs}
+        feeds[source.name] = mask.astype(_NP[source.dtype])
+        feeds_list.append(feeds)
+        masks.append((mask, seq, past))
+    try:
+        outs = evaluate(model, bias, feeds_list)
+    except Exception as err:  # noqa: BLE001
+        return None, 0.0, f"the attention mask could not be probed ({type(err).__name__})"
+    fill = 0.0
+    for (mask, seq, past), out in zip(masks, outs):
+        batch, total = mask.shape
+        if out.ndim != 4:
+            return None, 0.0, f"the attention mask has rank {out.ndim}, expected 4"
+        try:
+            full = np.broadcast_to(out, (batch, out.shape[1], seq, total)).astype(np.float64)
+        except ValueError:
+            return None, 0.0, f"the attention mask has shape {out.shape}, not [batch, 1, seq, past + seq]"
+        causal = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]
+        allow = np.broadcast_to(mask[:, None, None, :].astype(bool) & causal[None, None], full.shape)
+        if np.any(np.abs(full[allow]) > 0.0):
+            return None, 0.0, "the attention mask is not zero on visible tokens (not causal + padding)"
+        if np.any(full[~allow] > -1e4):
+            return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
+        fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
+    return source, fill, ""

@@ -8,7 +8,8 @@ whose dimensions are all known into ``Shape``-slices of graph inputs and constan
 
 Cases handled: elementwise ops with broadcasting, Cast and unary math, LayerNormalization, Softmax,
 Gather, MatMul, Transpose, Unsqueeze/Squeeze, Reshape and Expand with shapes built from Shape/Gather/
-Unsqueeze/Concat/constants, Range(0, n, 1), ConstantOfShape.
+Unsqueeze/Concat/constants, Range(0, n, 1), ConstantOfShape, GlobalAveragePool (tf2onnx's last-axis mean),
+Gather of several entries of a shape vector (TF's GatherV2 of [0, 1]).
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def rebase_shapes(model: ir.Model) -> int:
             if src in graph.inputs:
                 continue
             content = vals.get(id(node.outputs[0]))
-            if content is None or any(d is None for d in content):
-                continue
+            if content is None or any(d is None or (isinstance(d, str) and d not in where) for d in content):
+                continue   # unknown, or a symbolic sum no single input dimension carries
             replacement, created = _materialise(graph, node, content, where)
             for new in created:
                 _infer(new, dims, vals)
@@ -137,6 +138,8 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
             vals[id(node.outputs[0])] = _content(ins[0], vals)
     elif op in _BROADCAST:
         out = _broadcast([x for x in d])
+        if op == "Add" and all(_content(v, vals) is not None and len(_content(v, vals)) == 1 for v in ins):
+            vals[id(node.outputs[0])] = [_dim_sum([_content(v, vals)[0] for v in ins])]   # past + sequence
         if op == "Where":  # Where(Equal(x, -1s), 1s, x) on a shape vector whose entries are all sizes: x
             cond = ins[0].producer() if ins[0] is not None else None
             content = _content(ins[2], vals)
@@ -153,14 +156,18 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
         out = d[0][:axis] + d[1] + d[0][axis + 1:]
         content = _content(ins[0], vals)
         idx = _const_ints(ins[1])
-        if content is not None and idx is not None and len(idx) == 1:
-            vals[id(node.outputs[0])] = [content[idx[0]]]
+        if content is not None and idx is not None and idx and all(-len(content) <= i < len(content) for i in idx):
+            vals[id(node.outputs[0])] = [content[i] for i in idx]   # one index or a list (TF's GatherV2)
     elif op == "MatMul" and d[0] is not None and d[1] is not None and len(d[0]) >= 2 and len(d[1]) >= 2:
         batch = _broadcast([d[0][:-2], d[1][:-2]]) if (d[0][:-2] or d[1][:-2]) else []
         out = None if batch is None else batch + [d[0][-2], d[1][-1]]
     elif op == "Transpose" and d[0] is not None:
         perm = attr.get_ints("perm", list(reversed(range(len(d[0])))))
         out = [d[0][p] for p in perm]
+    elif op in ("Unsqueeze", "Squeeze") and d[0] is None:
+        content = _content(ins[0], vals)
+        if content is not None and len(content) == 1:
+            vals[id(node.outputs[0])] = content
     elif op in ("Unsqueeze", "Squeeze") and d[0] is not None:
         axes = _const_ints(ins[1]) if len(ins) > 1 else list(attr.get_ints("axes", []))
         if axes is not None:
@@ -190,9 +197,8 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
             vals[id(node.outputs[0])] = [x for c in contents for x in c]
         if all(x is not None for x in d):
             axis = attr.get_int("axis", 0) % len(d[0])
-            total = [x[axis] for x in d]
             out = list(d[0])
-            out[axis] = sum(total) if all(isinstance(t, int) for t in total) else None
+            out[axis] = _dim_sum([x[axis] for x in d])
     elif op in ("Reshape", "Expand", "ConstantOfShape"):
         shape_in = ins[0] if op == "ConstantOfShape" else ins[1]
         content = _content(shape_in, vals)
@@ -210,12 +216,20 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
                 out = _broadcast([d[0], content])
             else:
                 out = list(content)
+    elif op in ("GlobalAveragePool", "GlobalMaxPool") and d[0] is not None and len(d[0]) >= 3:
+        out = d[0][:2] + [1] * (len(d[0]) - 2)   # pools every axis after the second (tf2onnx's ReduceMean)
     elif op in ("ReduceMean", "ReduceSum", "ReduceMax") and d[0] is not None:
         axes = _const_ints(ins[1]) if len(ins) > 1 else list(attr.get_ints("axes", []))
         if axes and attr.get_int("keepdims", 1):
             rank = len(d[0])
             red = {a % rank for a in axes}
             out = [1 if i in red else x for i, x in enumerate(d[0])]
+    elif op == "Slice" and _content(ins[0], vals) is not None and _const_ints(ins[1]) is not None \
+            and _const_ints(ins[2]) is not None and (len(ins) < 5 or ins[4] is None or _const_ints(ins[4]) == [1]):
+        content = _content(ins[0], vals)   # slicing a shape vector: keep the symbolic entries
+        start, end = _const_ints(ins[1])[0], _const_ints(ins[2])[0]
+        vals[id(node.outputs[0])] = content[slice(start, end)]
+        out = [len(content[slice(start, end)])]
     elif op == "Slice" and d[0] is not None:
         starts, axes = _const_ints(ins[1]), _const_ints(ins[3]) if len(ins) > 3 else None
         steps = _const_ints(ins[4]) if len(ins) > 4 and ins[4] is not None else None
@@ -232,6 +246,19 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
                     continue
                 out[a % rank] = en if not (isinstance(en, int) and isinstance(out[a % rank], int)) \
                     else min(en, out[a % rank])
+    elif op == "Gemm" and d[0] is not None and d[1] is not None and len(d[0]) == 2 and len(d[1]) == 2:
+        a = d[0][::-1] if attr.get_int("transA", 0) else d[0]
+        b = d[1][::-1] if attr.get_int("transB", 0) else d[1]
+        out = [a[0], b[1]]
+    elif op == "Split" and d[0] is not None:
+        axis = attr.get_int("axis", 0) % len(d[0])
+        sizes = _const_ints(ins[1]) if len(ins) > 1 and ins[1] is not None else None
+        if sizes is None and isinstance(d[0][axis], int) and d[0][axis] % len(node.outputs) == 0:
+            sizes = [d[0][axis] // len(node.outputs)] * len(node.outputs)
+        if sizes is not None and len(sizes) == len(node.outputs):
+            for value, size in zip(node.outputs[1:], sizes[1:]):
+                dims[id(value)] = d[0][:axis] + [size] + d[0][axis + 1:]
+            out = d[0][:axis] + [sizes[0]] + d[0][axis + 1:]
     elif op == "Range":
         start, delta = _const_ints(ins[0]), _const_ints(ins[2])
         limit = _content(ins[1], vals)
@@ -256,7 +283,12 @@ def _solve_minus_one(src: list[Dim], known: list[Dim]) -> Dim:
             if k not in rest:
                 return None
             rest.remove(k)
-    if any(not isinstance(x, int) for x in rest):
+    symbolic = [x for x in rest if not isinstance(x, int)]
+    ints = int(np.prod([x for x in rest if isinstance(x, int)])) if rest else 1
+    den_ints = int(np.prod([k for k in known if isinstance(k, int)])) if known else 1
+    if len(symbolic) == 1 and ints == den_ints:   # e.g. [batch, sequence] -> [-1, sequence]: -1 is batch
+        return symbolic[0]
+    if symbolic:
         return None
     num = int(np.prod(rest)) if rest else 1
     den = int(np.prod([k for k in known if isinstance(k, int)])) if known else 1
@@ -307,3 +339,34 @@ def infer_dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Di
 def _all_ones(value: ir.Value | None) -> bool:
     arr = const_array(value)
     return arr is not None and arr.size > 0 and bool(np.all(arr == 1))
+
+
+def infer_content(graph: ir.Graph | ir.Function, value: ir.Value) -> list[Dim] | None:
+    """The symbolic content of a small 1-D shape tensor (e.g. a Reshape target): each entry an int or a
+    symbolic dimension name; None when not known."""
+    graph = graph if isinstance(graph, ir.Graph) else graph.graph
+    const = _const_ints(value)
+    if const is not None:
+        return const
+    dims: dict[int, Dims] = {}
+    vals: dict[int, list[Dim]] = {}
+    for inp in graph.inputs:
+        if inp.shape is not None:
+            dims[id(inp)] = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}")
+                             for j, d in enumerate(inp.shape)]
+    for node in graph:
+        _infer(node, dims, vals)
+        if value in node.outputs:
+            return vals.get(id(value))
+    return None
+
+
+def _dim_sum(parts: list[Dim]) -> Dim:
+    """A symbolic sum of dimensions, in one canonical spelling ("past_sequence+sequence")."""
+    if any(p is None for p in parts):
+        return None
+    const = sum(p for p in parts if isinstance(p, int))
+    terms = sorted(t for p in parts if isinstance(p, str) for t in p.split("+"))
+    if not terms:
+        return const
+    return "+".join(terms + ([str(const)] if const else []))

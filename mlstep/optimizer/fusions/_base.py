@@ -42,16 +42,24 @@ class Fusion:
     rules: Callable[[FusionContext], Sequence[pattern.RewriteRule]]
     commute: bool = True
     anchor: str = ""        # an op every match contains; a graph without it is skipped without matching
+    after: Callable[[ir.Model], None] | None = None   # a clean-up the rewrite needs (e.g. rewiring outputs)
+    label: str = ""         # the name in logs when several fusions share one switch name
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
 
 
 def run_fusion(fusion: Fusion, model: ir.Model, ctx: FusionContext, explain: bool = False) -> FusionLog:
     if fusion.anchor and not any(node.op_type == fusion.anchor for node in model.graph):
-        return FusionLog(fusion.name)
+        return FusionLog(fusion.title)
     rule_list = list(fusion.rules(ctx))
     if not rule_list:
-        return FusionLog(fusion.name, refused=["no rules for this model type"])
+        return FusionLog(fusion.title, refused=["no rules for this model type"])
     rules = pattern.RewriteRuleSet(rule_list, commute=fusion.commute)
-    log = FusionLog(fusion.name, fused=rules.apply_to_model(model))
+    log = FusionLog(fusion.title, fused=rules.apply_to_model(model))
+    if fusion.after is not None and log.fused:
+        fusion.after(model)
     if explain:
         tracer = pattern.MatchingTracer()
         rules.apply_to_model(model, tracer=tracer)
@@ -122,11 +130,14 @@ def vector_of(value: ir.Value | None, length: int | None = None) -> np.ndarray |
 
 
 def shape_tail(shape: ir.Value) -> list[int | None]:
-    """The last two entries of a 4-element reshape target (constant or Concat of pieces); None = unknown."""
+    """The last two entries of a 4-element reshape target (constant or Concat of pieces, possibly behind Casts);
+    None = unknown."""
     arr = const_array(shape)
     if arr is not None:
         return [int(x) for x in arr.reshape(-1)][-2:] if arr.size == 4 else []
     node = shape.producer()
+    while node is not None and node.op_type == "Cast" and node.inputs[0] is not None:   # tf2onnx: int32 <-> int64
+        node = node.inputs[0].producer()
     if node is None or node.op_type != "Concat":
         return []
     pieces: list[int | None] = []
