@@ -32,7 +32,7 @@ and only missing ones get mlstep's defaults. When they are spent: one line, exit
 Idempotency key of a registered variant: (registered model name, ``mlstep.source`` = the concrete source
 URI, ``mlstep.options_hash`` = ``OptimizeOptions.hash()``, ``mlstep.variant``) among versions tagged
 ``mlstep.gates = passed``. A version is created together with its tags in one request
-(``mlflow.register_model(..., tags=...)``), so a version either carries its key or does not exist: a
+(``MlflowClient.create_model_version(..., tags=...)``), so a version either carries its key or does not exist: a
 re-run after a half-way failure finds what exists and registers only what is missing.
 """
 from __future__ import annotations
@@ -416,10 +416,9 @@ class Registry:
         """
         pub = Publication()
         options_hash = report["options"]["options_hash"]
-        report["mlflow"] = self._record(report, resolved, register_as, pub)
         run = self._start_run(report, resolved, experiment)
         pub.run_id, pub.experiment_id = run.info.run_id, run.info.experiment_id
-        report["mlflow"] = self._record(report, resolved, register_as, pub)
+        report["mlflow"] = self.record(resolved, register_as, pub)
         status = "FINISHED"
         try:
             self.call("log params", self.client.log_batch, pub.run_id, params=_params(report),
@@ -448,12 +447,11 @@ class Registry:
             for reg in pub.registrations.values():
                 if reg.status == "failed":
                     reg.error = pub.error
-        report["mlflow"] = self._record(report, resolved, register_as, pub)
+        report["mlflow"] = self.record(resolved, register_as, pub)
         files = list(write(report))
         try:
-            for path in [*files, *evidence]:
-                self.call(f"log {path.name}", self.client.log_artifact, pub.run_id, str(path),
-                          _artifact_dir(path, files))
+            for path, folder in [*((f, None) for f in files), *(evidence or {}).items()]:
+                self.call(f"log {path.name}", self.client.log_artifact, pub.run_id, str(path), folder)
             self.call("log tags", self.client.set_tag, pub.run_id, TAG_GATES,
                       "passed" if all(v["gate"]["passed"] for v in report["variants"].values()) else "failed")
         except MlstepError as err:
@@ -466,7 +464,9 @@ class Registry:
                                 "a re-run completes the registration without duplicates)")
         return pub
 
-    def _record(self, report: dict, resolved: Resolved, register_as: str | None, pub: Publication) -> dict:
+    def record(self, resolved: Resolved, register_as: str | None, pub: Publication | None = None) -> dict:
+        """The report's ``mlflow`` section."""
+        pub = pub or Publication()
         return {"tracking_uri": self.shown, "source": resolved.as_dict(), "experiment_id": pub.experiment_id,
                 "run_id": pub.run_id, "registered_model": register_as,
                 "registrations": {v: {"status": r.status, "uri": r.uri, "alias": r.alias}
@@ -503,13 +503,20 @@ class Registry:
             info = self.call(f"log {variant} model", mlflow.onnx.log_model, model, name=variant,
                              pip_requirements=_requirements(), signature=_signature(model), tags=tags,
                              await_registration_for=0)
-        # One request creates the version *with* its key tags: no untagged version can be left behind.
-        version = self.call(f"register {variant} as {name}", mlflow.register_model, info.model_uri, name,
-                            tags=tags)
-        with contextlib.suppress(MlstepError):
-            self.call("describe", self.client.update_model_version, name, version.version,
-                      description=_description(variant, report, resolved))
+        self._ensure_registered_model(name)
+        # One request creates the version *with* its key tags (and its description): no untagged version
+        # can be left behind by a failure, so the idempotency search always sees what exists.
+        version = self.call(f"register {variant} as {name}", self.client.create_model_version, name,
+                            info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
+                            description=_description(variant, report, resolved), await_creation_for=60)
         return str(version.version)
+
+    def _ensure_registered_model(self, name: str) -> None:
+        try:
+            self.client.create_registered_model(name, description="Registered by mlstep.")
+        except Exception as err:
+            if getattr(err, "error_code", None) not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise self.translate(err, f"models:/{name}") from err
 
     # ---------------------------------------------------------------------------------------- promote
 
@@ -658,10 +665,6 @@ def _run_tags(report: Mapping, resolved: Resolved) -> dict[str, str]:
         tags["mlstep.source_alias"] = resolved.alias
     tags.update(ci_tags())
     return {k: scrub(str(v)) for k, v in tags.items()}
-
-
-def _artifact_dir(path: Path, report_files: Sequence[Path]) -> str | None:
-    return None if path in report_files else "evidence"
 
 
 def _requirements() -> list[str]:

@@ -1,8 +1,9 @@
 """The run's evidence: ``report.json`` (machine) and ``report.md`` (human; also a GitHub job summary).
 
-report.json has exactly the contract's shape (DESIGN.md, "Contracts") plus ``optimizer_seconds``::
+report.json has exactly the contract's shape (DESIGN.md, "Contracts") plus ``optimizer_seconds`` and
+``mlflow`` (null unless the step talked to MLflow)::
 
-    {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds",
+    {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
      "variants": {"fp32": {"path", "fusions": {op: count},
                            "parity": {"max_abs_diff", "passed", "worst_output"},
                            "latency_ms": {"median", "p90", "p95", "baseline_median", "speedup"},
@@ -16,7 +17,13 @@ report.json has exactly the contract's shape (DESIGN.md, "Contracts") plus ``opt
 - ``gate.parity`` / ``gate.latency`` are ``"passed" | "failed" | "skipped" | "not_gated"``; latency is not
   gated yet (the pytest-benchmark gates come in a later issue). ``gate.passed`` is true when no gate failed.
 - Non-finite numbers (a NaN difference) are written as null: the file stays strict JSON.
-- Credentials never appear: ``user:password@`` in any URI is replaced by ``***@``.
+- ``mlflow``: ``{"tracking_uri" (credentials removed), "source": {"requested", "uri", "kind", "name",
+  "version", "alias", "run_id", "model_id"} (the resolution, e.g. ``models:/m@candidate`` ->
+  ``models:/m/3``), "experiment_id", "run_id", "registered_model", "registrations": {variant: {"status":
+  "registered" | "existing" | "skipped" | "failed", "uri", "alias"}}, "error"}``.
+- Credentials never appear: ``user:password@`` in any URI is replaced by ``***@``, and the values of the
+  secret-bearing environment variables (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) are
+  replaced by ``***`` wherever they occur.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ from mlstep.errors import OutputError
 
 GATE_STATES = ("passed", "failed", "skipped", "not_gated")
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET",
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "GITHUB_TOKEN", "GH_TOKEN")
 
 
 @dataclass
@@ -48,12 +57,19 @@ class VariantFacts:
 
 
 def scrub(text: str) -> str:
-    """Remove credentials from URIs in ``text`` (``https://user:pw@host`` -> ``https://***@host``)."""
-    return _USERINFO.sub("***@", text)
+    """Remove credentials from ``text``: user info in URIs (``https://user:pw@host`` -> ``https://***@host``)
+    and the value of any secret environment variable (``SECRET_ENV``) that is set."""
+    text = _USERINFO.sub("***@", text)
+    for name in SECRET_ENV:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 4 and secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def build_report(source: str, model_type: str, num_heads: int, hidden_size: int, options: Mapping[str, Any],
-                 variants: Mapping[str, VariantFacts], optimizer_seconds: float) -> dict:
+                 variants: Mapping[str, VariantFacts], optimizer_seconds: float,
+                 mlflow: Mapping[str, Any] | None = None) -> dict:
     report = {
         "source": str(source),
         "model_type": model_type,
@@ -61,6 +77,7 @@ def build_report(source: str, model_type: str, num_heads: int, hidden_size: int,
         "hidden_size": int(hidden_size),
         "options": dict(options),
         "optimizer_seconds": round(float(optimizer_seconds), 4),
+        "mlflow": dict(mlflow) if mlflow is not None else None,
         "variants": {name: _variant(facts) for name, facts in variants.items()},
     }
     return _clean(report)
@@ -129,6 +146,9 @@ def fusion_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
 def summary_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
     """One row per variant: fused ops, parity, latency, speedup, gate (report.md and the CLI summary)."""
     header = ["variant", "fused", "max |diff|", "parity", "ms", "source ms", "speedup", "gate"]
+    registering = bool((report.get("mlflow") or {}).get("registered_model"))
+    if registering:
+        header.append("registered")
     rows = []
     for name, v in report["variants"].items():
         lat, par = v["latency_ms"], v["parity"]
@@ -140,6 +160,10 @@ def summary_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
             "-" if lat["speedup"] is None else f"{lat['speedup']:.2f}x",
             "passed" if v["gate"]["passed"] else "FAILED",
         ])
+        if registering:
+            status = (report["mlflow"].get("registrations") or {}).get(name, {}).get("status")
+            rows[-1].append(v["registered"] + (" (existing)" if status == "existing" else "")
+                            if v.get("registered") else ("not registered" if status == "skipped" else "-"))
     return header, rows
 
 
@@ -152,7 +176,7 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
     lines = [
         "# mlstep optimize",
         "",
-        f"- source: `{scrub(str(report['source']))}`",
+        f"- source: `{scrub(str(report['source']))}`" + _resolution(report),
         f"- model: {report['model_type']}, {report['num_heads']} heads, hidden size {report['hidden_size']}",
         f"- optimizer: {report['optimizer_seconds']:.2f} s",
         f"- result: {verdict}",
@@ -179,6 +203,7 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
          _num(v["latency_ms"]["baseline_median"]),
          "-" if v["latency_ms"]["speedup"] is None else f"{v['latency_ms']['speedup']:.2f}x"]
         for n, v in report["variants"].items()])
+    lines += _mlflow_section(report)
     lines += ["", "## Options", ""]
     lines += _md_table(["option", "value"], [[k, f"`{_fmt(v)}`"] for k, v in report["options"].items()])
     if fusion_log:
@@ -187,6 +212,33 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
             lines.append(f"- **{entry.name}**: fused {entry.fused}")
             lines += [f"  - refused: {scrub(str(reason))}" for reason in entry.refused]
     return "\n".join(lines) + "\n"
+
+
+def _resolution(report: Mapping) -> str:
+    src = (report.get("mlflow") or {}).get("source") or {}
+    uri = src.get("uri")
+    return f" -> `{scrub(uri)}`" if uri and uri != report["source"] and src.get("kind") != "local" else ""
+
+
+def _mlflow_section(report: Mapping) -> list[str]:
+    record = report.get("mlflow")
+    if not record:
+        return []
+    lines = ["", "## MLflow", "", f"- tracking: `{scrub(str(record.get('tracking_uri')))}`"]
+    if record.get("run_id"):
+        lines.append(f"- run: `{record['run_id']}` (experiment {record.get('experiment_id')})")
+    if record.get("registered_model"):
+        lines.append(f"- registered model: `{record['registered_model']}`")
+        rows = [[n, r.get("status", "-"), f"`{r['uri']}`" if r.get("uri") else "-",
+                 f"`{r['alias']}`" if r.get("alias") and r.get("uri") else "-"]
+                for n, r in (record.get("registrations") or {}).items()]
+        if rows:
+            lines += [""] + _md_table(["variant", "registration", "version", "alias"], rows)
+    else:
+        lines.append("- registration: off (local source without --register-as, or --no-register)")
+    if record.get("error"):
+        lines.append(f"- **registry error**: {scrub(str(record['error']))}")
+    return lines
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

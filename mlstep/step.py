@@ -1,7 +1,8 @@
 """The local optimize step, as a list of stages.
 
     resolve source -> stage output folder -> optimize -> variants (fp32, fp16) -> inputs -> parity
-    -> latency -> report -> move the output folder into place
+    -> latency -> report [-> MLflow run + registration] -> move the output folder into place
+    [-> GitHub job summary]
 
 Each stage takes the previous stage's value. Everything is written to a temporary folder beside the
 output folder (same filesystem) and renamed into place at the end: on any error nothing is left behind
@@ -9,15 +10,24 @@ and an existing output folder is untouched; on success an existing output folder
 
 A failed gate is a result, not a crash: the outputs and the report (which says what failed) are moved
 into place and ``StepResult.passed`` is False; ``StepResult.check()`` then raises ``GateFailedError``
-(exit 1). The CLI prints its summary first, then calls ``check()``. Nothing that failed a gate is ever
-registered (registration comes in a later issue and will read ``passed``).
+(exit 1). The CLI prints its summary first, then calls ``check()``.
+
+MLflow (``mlstep.registry``): the source may be ``runs:/``, ``models:/`` (version, alias, LoggedModel id);
+it is resolved to a concrete version and downloaded to a temporary folder that lives until the step ends.
+With registration on (an MLflow source, or ``PublishSettings.register_as``; never with ``register=False``)
+the step logs one MLflow run and registers each variant that passed every gate; the report then names the
+versions (``variants.*.registered``). A store that fails part-way still gets the outputs moved into place
+(the report says what was registered) and then raises ``RegistryError`` (exit 2). Without registration
+nothing is written to MLflow. When ``GITHUB_STEP_SUMMARY`` is set, report.md is appended to it.
 
 Library use::
 
     from mlstep.optimizer import OptimizeOptions
-    from mlstep.step import StepSettings, run
+    from mlstep.step import PublishSettings, StepSettings, run
     result = run("model.onnx", "out", OptimizeOptions(num_heads=12), StepSettings(precisions=("fp32",)))
     result.report["variants"]["fp32"]["fusions"], result.passed
+    run("models:/bert@candidate", "out")                         # registers the passing variants
+    run("model.onnx", "out", publish=PublishSettings(register_as="bert"))
 """
 from __future__ import annotations
 
@@ -32,15 +42,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlstep.errors import BadInputError, GateFailedError, OutputError, UsageError
+from mlstep import registry
+from mlstep.errors import BadInputError, GateFailedError, OutputError, RegistryError, UsageError
 from mlstep.optimizer.options import OptimizeOptions
 from mlstep.report import VariantFacts, build_report, failed_gates, gates_passed, scrub, write_report
 
 PRECISIONS = ("fp32", "fp16")
 MODEL_FILE = "model.onnx"
 LATENCY_DIR = "latency"        # the gates' benchmark.json, gates.json, latency.png
-MLFLOW_SCHEMES = ("runs:/", "models:/")
-STAGES = ("resolve", "optimize", "variants", "inputs", "parity", "latency", "report", "commit")
+MLFLOW_SCHEMES = registry.MLFLOW_SCHEMES
+STAGES = ("resolve", "optimize", "variants", "inputs", "parity", "latency", "report", "register", "commit")
+REPORT_FILES = ("report.json", "report.md")
+SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,35 @@ class StepSettings:
                 "skip_benchmark": not self.benchmark, "batch_size": self.batch_size,
                 "sequence_length": self.sequence_length, "warmup": self.warmup, "repeat": self.repeat,
                 "max_slowdown": self.max_slowdown, "min_speedup": self.min_speedup, "require_gpu": self.require_gpu}
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    """What the step writes to MLflow.
+
+    Registration is on for an MLflow source (into the source's registered model) or with ``register_as``
+    (any source); ``register=False`` is a dry run that writes nothing to MLflow. ``aliases`` maps a
+    variant to the alias its registered version gets ("" or a missing entry: no alias).
+    """
+
+    register: bool = True
+    register_as: str | None = None
+    aliases: tuple[tuple[str, str], ...] = tuple(registry.DEFAULT_ALIASES.items())
+    experiment: str | None = None          # default: MLFLOW_EXPERIMENT_NAME, else "mlstep"
+
+    def checked(self) -> "PublishSettings":
+        for variant, alias in self.aliases:
+            if variant not in PRECISIONS:
+                raise UsageError(f"alias for unknown variant {variant!r} (choose from {', '.join(PRECISIONS)})")
+            if alias:
+                registry.check_alias(alias)
+        if self.register_as is not None and not self.register_as.strip():
+            raise UsageError("--register-as needs a model name")
+        return self
+
+    @property
+    def alias_map(self) -> dict[str, str]:
+        return {variant: alias for variant, alias in self.aliases if alias}
 
 
 class Listener(Protocol):
@@ -114,116 +156,127 @@ class StepResult:
 
 
 def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: OptimizeOptions = OptimizeOptions(),
-        settings: StepSettings = StepSettings(), listener: Listener | None = None) -> StepResult:
+        settings: StepSettings = StepSettings(), listener: Listener | None = None,
+        publish: PublishSettings = PublishSettings()) -> StepResult:
     """Run the whole step; see the module docstring."""
     listener = listener or _Quiet()
     settings = settings.checked()
+    publish = publish.checked()
     # The CLI's --precision decides the fp16 variant; the option records it (and joins the options hash).
     options = dataclasses.replace(options, float16="fp16" in settings.precisions).validate()
-    if settings.require_gpu:                      # fail before any work, not after optimizing on the CPU
-        from mlstep.bench.gates import require_cuda
-        require_cuda()
 
-    with _stage(listener, "resolve", str(source)):
-        model_path = resolve_source(source)
-        if Path(output_dir).expanduser().resolve() in model_path.resolve().parents:
-            raise UsageError(f"{model_path}: the source lies inside the output folder {output_dir}, "
-                             "which this run replaces; choose another --output")
-    with staged_output(output_dir) as tmp:
-        with _stage(listener, "optimize", model_path.name) as note:
-            optimized = _optimize(model_path, options)
-            note(_fusion_text(optimized.fusions))
-        with _stage(listener, "variants", ", ".join(settings.precisions)):
-            paths, fusions = build_variants(optimized.model, settings.precisions, tmp)
-        parity, latency, baseline, gates = {}, {}, None, None
-        if settings.validate or settings.benchmark:
-            with _stage(listener, "inputs", f"batch {settings.batch_size} x sequence {settings.sequence_length}"):
-                cases = make_inputs(model_path, settings)
-            providers = _providers(options.use_gpu or settings.require_gpu)
-            if settings.validate:
-                with _stage(listener, "parity") as note:
-                    parity = validate(model_path, paths, cases, providers)
-                    note(", ".join(f"{n} {'ok' if r.passed else 'FAILED'} ({r.max_abs_diff:.1e})"
-                                   for n, r in parity.items()))
-            if settings.benchmark:
-                with _stage(listener, "latency") as note:
-                    from mlstep.bench.gates import GateSettings, run_gates
-                    gates = run_gates(model_path, paths, GateSettings.from_settings(
-                        settings, use_gpu=options.use_gpu), output_dir=tmp / LATENCY_DIR)
-                    baseline, latency = gates.baseline, {n: g.stats for n, g in gates.variants.items()}
-                    note(", ".join(f"{n} {s.median_ms:.2f} ms" for n, s in latency.items())
-                         + f" (source {baseline.median_ms:.2f} ms, {gates.provider})")
-        with _stage(listener, "report"):
-            facts = {name: VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
-                                        parity=parity.get(name), latency=latency.get(name), baseline=baseline)
-                     for name in settings.precisions}
-            report = build_report(source=_source_text(source, model_path), model_type=optimized.detected.model_type,
-                                  num_heads=optimized.detected.num_heads,
-                                  hidden_size=optimized.detected.hidden_size,
-                                  options=_options_dict(options, settings), variants=facts,
-                                  optimizer_seconds=optimized.seconds)
-            if gates is not None:
-                from mlstep.bench.gates import apply_to_report
-                apply_to_report(report, gates)   # gate.latency passed|failed, gate.passed
-            write_report(report, tmp, fusion_log=optimized.log if options.verbose else None)
-        listener.start("commit", str(output_dir))
-        committing = time.perf_counter()
-    listener.done("commit", time.perf_counter() - committing, str(output_dir))
-    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log),
-                      gates.moved(tmp, output_dir) if gates is not None else None)
+    with contextlib.ExitStack() as stack:
+        with _stage(listener, "resolve", scrub(os.fspath(source))) as note:
+            resolved, store, register_as = _resolve(source, publish, stack)
+            model_path = resolved.local_path
+            note(resolved.describe() + (f" (register as {register_as})" if register_as else ""))
+            if Path(output_dir).expanduser().resolve() in model_path.resolve().parents:
+                raise UsageError(f"{model_path}: the source lies inside the output folder {output_dir}, "
+                                 "which this run replaces; choose another --output")
+        registry_error = None
+        with staged_output(output_dir) as tmp:
+            with _stage(listener, "optimize", model_path.name) as note:
+                optimized = _optimize(model_path, options)
+                note(_fusion_text(optimized.fusions))
+            with _stage(listener, "variants", ", ".join(settings.precisions)):
+                paths, fusions = build_variants(optimized.model, settings.precisions, tmp)
+            parity, latency, baseline = {}, {}, None
+            if settings.validate or settings.benchmark:
+                with _stage(listener, "inputs", f"batch {settings.batch_size} x sequence {settings.sequence_length}"):
+                    cases = make_inputs(model_path, settings)
+                providers = _providers(options.use_gpu)
+                if settings.validate:
+                    with _stage(listener, "parity") as note:
+                        parity = validate(model_path, paths, cases, providers)
+                        note(", ".join(f"{n} {'ok' if r.passed else 'FAILED'} ({r.max_abs_diff:.1e})"
+                                       for n, r in parity.items()))
+                if settings.benchmark:
+                    with _stage(listener, "latency") as note:
+                        baseline, latency = benchmark(model_path, paths, cases[0].feeds, providers, settings)
+                        note(", ".join(f"{n} {s.median_ms:.2f} ms" for n, s in latency.items())
+                             + f" (source {baseline.median_ms:.2f} ms)")
+            fusion_log = optimized.log if options.verbose else None
+            with _stage(listener, "report"):
+                facts = {name: VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
+                                            parity=parity.get(name), latency=latency.get(name), baseline=baseline)
+                         for name in settings.precisions}
+                report = build_report(source=_source_text(source, model_path),
+                                      model_type=optimized.detected.model_type,
+                                      num_heads=optimized.detected.num_heads,
+                                      hidden_size=optimized.detected.hidden_size,
+                                      options=_options_dict(options, settings), variants=facts,
+                                      optimizer_seconds=optimized.seconds,
+                                      mlflow=store.record(resolved, register_as) if store else None)
+                if not register_as:
+                    write_report(report, tmp, fusion_log=fusion_log)
+            if register_as:
+                with _stage(listener, "register", register_as) as note:
+                    try:
+                        store.publish(report, resolved, paths, register_as=register_as, aliases=publish.alias_map,
+                                      write=lambda r: write_report(r, tmp, fusion_log=fusion_log),
+                                      evidence=evidence_files(tmp), experiment=publish.experiment)
+                    except RegistryError as err:
+                        registry_error = err
+                    if not (tmp / "report.json").is_file():
+                        write_report(report, tmp, fusion_log=fusion_log)
+                    note(_registration_text(report))
+            listener.start("commit", str(output_dir))
+            committing = time.perf_counter()
+        listener.done("commit", time.perf_counter() - committing, str(output_dir))
+    append_job_summary(Path(output_dir) / "report.md")
+    if registry_error is not None:
+        raise RegistryError(f"{registry_error} (outputs and report: {output_dir})")
+    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log))
+
+
+def _resolve(source, publish: PublishSettings, stack: contextlib.ExitStack):
+    """(Resolved, the MLflow store or None, the registered model name to register under or None)."""
+    from_mlflow = registry.is_mlflow_uri(source)
+    wants_registration = publish.register and (from_mlflow or bool(publish.register_as))
+    store = None
+    if from_mlflow or wants_registration:
+        store = registry.Registry()
+        if not from_mlflow:
+            store.ping()                 # a dead server fails now, not after the optimizer's minutes
+    resolved = stack.enter_context(registry.materialize(source, store, identify_local=wants_registration))
+    register_as = None
+    if wants_registration:
+        register_as = publish.register_as or resolved.name
+        if not register_as:
+            raise UsageError(f"{resolved.uri}: no registered model to add the variants to; "
+                             "pass --register-as NAME (or --no-register)")
+    return resolved, store, register_as
+
+
+def evidence_files(directory: Path) -> dict[Path, str | None]:
+    """Files besides the variants and the report (benchmark JSON, plots, gate results) -> artifact folder."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if path.is_file() and rel.parts[0] not in PRECISIONS and str(rel) not in REPORT_FILES:
+            parent = rel.parent.as_posix()
+            out[path] = "evidence" if parent == "." else f"evidence/{parent}"
+    return out
+
+
+def append_job_summary(report_md: Path) -> None:
+    """Append report.md to the GitHub job summary file when ``GITHUB_STEP_SUMMARY`` names one."""
+    target = os.environ.get(SUMMARY_ENV, "").strip()
+    if not target or not report_md.is_file():
+        return
+    with contextlib.suppress(OSError):
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(report_md.read_text(encoding="utf-8").rstrip("\n") + "\n\n")
 
 
 # ----------------------------------------------------------------------------------------------- stages
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """The local ``.onnx`` file to optimize.
+    """The local ``.onnx`` file of a local source (a file, an MLflow model directory or its ``MLmodel``).
 
-    Accepts an ``.onnx`` file, an MLflow model directory (a folder with an ``MLmodel`` file whose onnx
-    flavor names the model file, or holding exactly one ``.onnx``) or that ``MLmodel`` file itself.
-    MLflow URIs (``runs:/``, ``models:/``) need the registry (a later issue) and are refused for now.
+    MLflow URIs are resolved (and downloaded) by ``mlstep.registry.materialize``, which ``run`` uses.
     """
-    text = os.fspath(source)
-    if text.startswith(MLFLOW_SCHEMES):
-        raise BadInputError(f"{scrub(text)}: MLflow URIs need MLflow registry support, which is not available yet; "
-                            "download the model and pass its directory or .onnx file")
-    if "://" in text:
-        raise BadInputError(f"{scrub(text)}: unsupported source (expected a .onnx file or an MLflow model directory)")
-    path = Path(text).expanduser()
-    if path.name == "MLmodel" and path.is_file():
-        path = path.parent
-    if path.is_dir():
-        return _onnx_in_mlflow_dir(path)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file or directory")
-    if not path.is_file():
-        raise BadInputError(f"{path}: not a regular file")
-    return path
-
-
-def _onnx_in_mlflow_dir(path: Path) -> Path:
-    mlmodel = path / "MLmodel"
-    if not mlmodel.is_file():
-        raise BadInputError(f"{path}: a directory without an MLmodel file (expected a .onnx file or an MLflow "
-                            "model directory)")
-    try:
-        import yaml
-
-        meta = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
-    except Exception as err:
-        raise BadInputError(f"{mlmodel}: unreadable MLmodel file ({type(err).__name__})") from err
-    flavor = (meta.get("flavors") or {}).get("onnx") if isinstance(meta, dict) else None
-    if isinstance(flavor, dict) and isinstance(flavor.get("data"), str):
-        candidate = (path / flavor["data"]).resolve()
-        if path.resolve() not in candidate.parents:
-            raise BadInputError(f"{mlmodel}: onnx flavor data {flavor['data']!r} escapes the model directory")
-        if not candidate.is_file():
-            raise BadInputError(f"{mlmodel}: onnx flavor names {flavor['data']!r}, which is missing")
-        return candidate
-    found = sorted(path.glob("*.onnx"))
-    if len(found) != 1:
-        what = "no .onnx file" if not found else f"{len(found)} .onnx files and no onnx flavor to choose"
-        raise BadInputError(f"{path}: MLflow model directory with {what}")
-    return found[0]
+    return registry.resolve_local(source)
 
 
 @contextlib.contextmanager
@@ -379,6 +432,13 @@ def _options_dict(options: OptimizeOptions, settings: StepSettings) -> dict[str,
     values = dataclasses.asdict(options)
     values["disabled_fusions"] = sorted(options.disabled_fusions)
     return {**values, **settings.as_dict(), "options_hash": options.hash()}
+
+
+def _registration_text(report: dict) -> str:
+    regs = (report.get("mlflow") or {}).get("registrations") or {}
+    parts = [f"{name} {r['uri']}" + (" (existing)" if r["status"] == "existing" else "") if r.get("uri")
+             else f"{name} {r['status']}" for name, r in regs.items()]
+    return ", ".join(parts) or "nothing registered"
 
 
 def _fusion_text(fusions: dict[str, int]) -> str:

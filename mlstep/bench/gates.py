@@ -198,7 +198,17 @@ def require_cuda() -> None:
 
     from mlstep.validate.parity import providers
 
-    if CUDA not in providers(True):
+    if CUDA in ort.get_available_providers():
+        # The probe's failure to load CUDA is logged by ORT's default logger (errors on stderr); the one
+        # line below says it. ORT has no getter: restore its default level (warning).
+        ort.set_default_logger_severity(4)
+        try:
+            loaded = CUDA in providers(True)
+        finally:
+            ort.set_default_logger_severity(2)
+    else:
+        loaded = False
+    if not loaded:
         raise BadInputError(f"--require-gpu: {CUDA} did not load (onnxruntime {ort.__version__}, available: "
                             f"{', '.join(ort.get_available_providers())}); refusing to measure on the CPU")
 
@@ -318,7 +328,8 @@ def _run_pytest(work: Path, json_path: Path) -> None:
     args = [gate_benchmarks.__file__, "--rootdir", str(work), "-c", str(work / "pytest.ini"),
             "-p", "no:cacheprovider", "-q", "--no-header", "--capture=sys", "--import-mode=importlib",
             "-W", "ignore", "--benchmark-json", str(json_path), "--benchmark-disable-gc",
-            "--benchmark-sort=name", "--basetemp", str(work / "tmp")]
+            "--benchmark-sort=name", "--benchmark-storage", f"file://{work / 'storage'}",
+            "--basetemp", str(work / "tmp")]
     failures = _Failures()
     buffer = io.StringIO()
     env = {gate_benchmarks.CONFIG_ENV: str(work / "config.json"), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
@@ -398,9 +409,9 @@ def plot_gates(results: GateResults, path: Path) -> Path | None:
     bars = ax.bar(names, medians, yerr=[[0] * len(names), upper], color=colors, capsize=4)
     ax.axhline(results.baseline.median_ms * (1 + results.max_slowdown), ls="--", lw=1, color="#444",
                label=f"gate: baseline x {1 + results.max_slowdown:g}")
-    for bar, name in zip(bars, names):
+    for bar, name, up in zip(bars, names, upper):
         label = "" if name == BASELINE else f"{results.variants[name].speedup:.2f}x"
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + up), ha="center", va="bottom",
                     fontsize=8, xytext=(0, 2), textcoords="offset points")
     shape = f"batch {results.batch_size}, sequence {results.sequence_length}"
     if results.past_sequence_length:

@@ -4,8 +4,9 @@ The console script is ``mlstep = mlstep.cli.main:app``; calling ``app()`` runs :
 every error to one line on stderr (``mlstep: error: ...``) and an exit code:
 
     0    success, every gate passed
-    1    a gate failed (GateFailedError): the outputs and the report are written and say what failed
-    2    bad input or usage (MlstepError subclasses, click usage errors such as a missing --output)
+    1    a gate failed (GateFailedError): the outputs and the report are written and say what failed;
+         for ``promote``: the version did not pass mlstep's gates
+    2    bad input or usage, an unknown MLflow model/version/alias, an MLflow store that did not answer (MlstepError subclasses, click usage errors such as a missing --output)
     3    internal error: an exception mlstep did not expect, i.e. a bug; please report it
     130  interrupted
 
@@ -22,7 +23,9 @@ from typing import Annotated
 import typer
 
 from mlstep import __version__
+from mlstep.cli import benchmark as benchmark_cmd
 from mlstep.cli import optimize as optimize_cmd
+from mlstep.cli import promote as promote_cmd
 from mlstep.errors import MlstepError
 
 INTERNAL_ERROR = 3
@@ -39,7 +42,7 @@ class MlstepApp(typer.Typer):
 app = MlstepApp(
     name="mlstep",
     help="Fuse transformer ONNX models into ONNX Runtime's fused operators, make fp32/fp16 variants, "
-         "prove parity and measure latency.",
+         "prove parity and measure latency, and register them in MLflow.",
     epilog="Exit codes: 0 ok, 1 a gate failed, 2 bad input or usage, 3 internal error. "
            f"Set {DEBUG_ENV}=1 for tracebacks.",
     no_args_is_help=True,
@@ -66,6 +69,8 @@ def _root(version: VersionOpt = False) -> None:
 
 
 app.command("optimize", no_args_is_help=True)(optimize_cmd.optimize)
+app.command("benchmark", no_args_is_help=True)(benchmark_cmd.benchmark)
+app.command("promote", no_args_is_help=True)(promote_cmd.promote)
 
 
 @app.command("version")

@@ -26,11 +26,13 @@ class Precision(str, Enum):
 
 OPT = "Optimizer options"
 STEP = "Step options"
+REG = "MLflow registration"
 
 SourceArg = Annotated[str, typer.Argument(
     metavar="SOURCE", show_default=False,
-    help="A .onnx file or an MLflow model directory (a folder with an MLmodel file). MLflow URIs "
-         "(runs:/..., models:/...) need registry support (coming).")]
+    help="A .onnx file, an MLflow model directory (a folder with an MLmodel file), or an MLflow URI: "
+         "runs:/RUN_ID/PATH, models:/NAME/VERSION, models:/NAME@ALIAS, models:/m-ID (tracking server from "
+         "MLFLOW_TRACKING_URI; default sqlite:///./mlflow.db).")]
 OutputOpt = Annotated[Path, typer.Option(
     "--output", "-o", metavar="DIR", show_default=False,
     help="Output folder: DIR/fp32/model.onnx, DIR/fp16/model.onnx, DIR/report.json, DIR/report.md. Written "
@@ -87,6 +89,22 @@ VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", rich_help_panel=OPT,
     help="Per fusion: what fused, what was refused and why (also in report.md); plain progress when "
          "stderr is not a terminal.")]
+RegisterAsOpt = Annotated[Optional[str], typer.Option(
+    "--register-as", metavar="NAME", show_default=False, rich_help_panel=REG,
+    help="Register the gate-passed variants as new versions of the registered model NAME (default for an "
+         "MLflow source: the source's registered model; a local source registers only with this flag).")]
+NoRegisterOpt = Annotated[bool, typer.Option(
+    "--no-register", rich_help_panel=REG,
+    help="Dry run: write nothing to MLflow (no run, no versions); an MLflow source is still read.")]
+AliasFp32Opt = Annotated[str, typer.Option(
+    "--alias-fp32", metavar="ALIAS", rich_help_panel=REG,
+    help="Alias given to the registered fp32 version ('' for none).")]
+AliasFp16Opt = Annotated[str, typer.Option(
+    "--alias-fp16", metavar="ALIAS", rich_help_panel=REG,
+    help="Alias given to the registered fp16 version ('' for none).")]
+ExperimentOpt = Annotated[Optional[str], typer.Option(
+    "--experiment", metavar="NAME", show_default=False, rich_help_panel=REG,
+    help="MLflow experiment of the step's run (default: MLFLOW_EXPERIMENT_NAME, else 'mlstep').")]
 DisableFusionOpt = Annotated[Optional[list[Fusion]], typer.Option(
     "--disable-fusion", case_sensitive=False, show_default=False, rich_help_panel=OPT,
     help="Turn one fusion off; repeat for several.")]
@@ -113,10 +131,17 @@ def optimize(
     opt_level: OptLevelOpt = 0,
     verbose: VerboseOpt = False,
     disable_fusion: DisableFusionOpt = None,
+    register_as: RegisterAsOpt = None,
+    no_register: NoRegisterOpt = False,
+    alias_fp32: AliasFp32Opt = "optimized-fp32",
+    alias_fp16: AliasFp16Opt = "optimized-fp16",
+    experiment: ExperimentOpt = None,
 ) -> None:
     """Fuse SOURCE into ONNX Runtime's fused operators, write fp32/fp16 variants, check parity against the source, measure latency, and write report.json + report.md.
 
-    Exit code 0 when every gate passed, 1 when a gate failed (the outputs and the report are still written), 2 for bad input or usage.
+    For an MLflow source (or with --register-as) the step logs an MLflow run and registers each variant that passed every gate; a re-run with the same source and options registers nothing new.
+
+    Exit code 0 when every gate passed, 1 when a gate failed (the outputs and the report are still written; nothing failing is registered), 2 for bad input, usage or an MLflow store that refused or did not answer.
     """  # noqa: E501 (typer keeps line breaks: one paragraph per line)
     from mlstep import step
     from mlstep.optimizer.options import OptimizeOptions
@@ -203,6 +228,14 @@ def _print_summary(result, verbose: bool) -> None:
         console.print(_table(Table(title="fused ops", box=box.SIMPLE_HEAD), *fusion_table(report)))
     console.print(_table(Table(title=f"mlstep optimize -> {result.output_dir}", box=box.SIMPLE_HEAD),
                          *summary_table(report)))
+    record = report.get("mlflow")
+    if record:
+        source = record["source"]
+        if source.get("uri") and source["uri"] != source.get("requested"):
+            console.print(f"source: {source['requested']} -> {source['uri']}", markup=False)
+        if record.get("run_id"):
+            console.print(f"mlflow: run {record['run_id']} (experiment {record['experiment_id']}) at "
+                          f"{record['tracking_uri']}", markup=False)
 
 
 def _table(table, header, rows):

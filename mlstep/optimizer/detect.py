@@ -2,11 +2,13 @@
 
 Cases handled: hidden size from the square projection weights (BERT's Q/K/V/O, GPT-2's c_proj), else the
 LayerNorm scale length; head size from the reshape that splits heads (a constant shape or a Concat of
-pieces ending in ``[num_heads, head_size]``); model type from the producer (tf2onnx) and weight names
+pieces ending in ``[num_heads, head_size]``); model type from the producer (tf2onnx: ``bert_keras`` when
+the graph is a Keras functional model's, see ``_keras_scoped``, else ``bert_tf``) and weight names
 (GPT-2's ``c_attn``). An explicit option that contradicts the graph is an error, not a silent override.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -46,10 +48,21 @@ def _model_type(model: ir.Model) -> str:
     producer = (model.producer_name or "").lower()
     names = " ".join(model.graph.initializers) + " " + " ".join(n.name or "" for n in model.graph)
     if "tf2onnx" in producer or "keras" in producer:
-        return "bert_keras" if "keras" in producer or "keras" in names.lower() else "bert_tf"
+        keras = "keras" in producer or "keras" in names.lower() or _keras_scoped(model, names)
+        return "bert_keras" if keras else "bert_tf"
     if any(v.name.startswith("past") for v in model.graph.inputs) or "c_attn" in names or ".h.0." in names:
         return "gpt2"
     return "bert"
+
+
+def _keras_scoped(model: ir.Model, names: str) -> bool:
+    """tf2onnx ``from_keras``: graph outputs are named after Keras layers (``_1``, ``_2`` for a layer's further
+    outputs), and those layers appear as scopes under the functional model's name
+    (``model/tf_bert_model/bert/...``); ``from_function`` outputs are the function's own names
+    (``last_hidden_state``), never a scope. A label only: both layouts fuse with the same rules."""
+    outputs = [v.name for v in model.graph.outputs if v.name and ":" not in v.name]
+    scoped = lambda name: re.search(rf"(^|\s)[^/\s]+/{re.escape(name)}/", names) is not None  # noqa: E731
+    return bool(outputs) and all(scoped(name) or scoped(re.sub(r"_\d+$", "", name)) for name in outputs)
 
 
 def _hidden_size(model: ir.Model) -> int:

@@ -99,9 +99,13 @@ def _masks(batch: int, seq: int) -> np.ndarray:
     return np.stack(rows)
 
 
+SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
+
+
 def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, str]:
-    """If ``bias`` equals ``(1 - mask[:, None, None, :]) * (large negative)`` for a 2-D graph input ``mask``,
-    return that input. Otherwise None and the reason."""
+    """If ``bias`` equals ``(1 - mask[:, None, None, :]) * (large negative)`` for a 2-D graph input ``mask``
+    (plus, at most, one uniform offset of magnitude <= SOFTMAX_SHIFT_LIMIT on every position), return that
+    input. Otherwise None and the reason."""
     anc = ancestry(model.graph, bias)
     if len(anc.data_inputs) != 1:
         names = [v.name for v in anc.data_inputs]
@@ -131,9 +135,12 @@ def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | Non
         except ValueError:
             return None, f"the attention mask has shape {out.shape}, not a [batch, 1, seq, seq] broadcast"
         keep = np.broadcast_to(mask[:, None, None, :].astype(bool), full.shape)
-        if np.any(np.abs(full[keep]) > 0.0):
+        # A uniform tiny offset on every score (TF's stable_softmax adds 1e-9, which tf2onnx folds into the
+        # mask) is exact: softmax is shift-invariant. Anything else on attended tokens is not a padding mask.
+        shift = float(full[keep][0]) if full[keep].size else 0.0
+        if abs(shift) > SOFTMAX_SHIFT_LIMIT or np.any(full[keep] != shift):
             return None, "the attention mask is not zero on attended tokens (not a pure padding mask)"
-        if np.any(full[~keep] > -1e4):
+        if np.any(full[~keep] - shift > -1e4):
             return None, "the attention mask does not block padded tokens (causal or custom mask?)"
     return source, ""
 

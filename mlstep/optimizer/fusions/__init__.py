@@ -1,7 +1,7 @@
 """The fusions, in the order the pipeline applies them (one file each).
 
-Order matters only where one fusion's output is another's input: flattened Gemms back to MatMul + Add and
-decomposed LayerNorm first (so the others see one form), GELU forms, attention (encoder, then causal), the
+Order matters only where one fusion's output is another's input: flattened Gemms (and TF's flattened
+tensordot MatMuls) back to 3-D MatMul, decomposed LayerNorm (PyTorch's and TF's forms) first (so the others see one form), GELU forms, attention (encoder, then causal), the
 embedding, then residual Add + LayerNorm.
 """
 from mlstep.optimizer.fusions.attention import FUSION as ATTENTION
@@ -11,7 +11,9 @@ from mlstep.optimizer.fusions.fast_gelu import FUSION as FAST_GELU
 from mlstep.optimizer.fusions.gelu import FUSION as GELU
 from mlstep.optimizer.fusions.gemm_to_matmul import FUSION as GEMM_TO_MATMUL
 from mlstep.optimizer.fusions.layer_norm import FUSION as LAYER_NORM
+from mlstep.optimizer.fusions.layer_norm_tf import FUSION as LAYER_NORM_TF
 from mlstep.optimizer.fusions.skip_layer_norm import FUSION as SKIP_LAYER_NORM
+from mlstep.optimizer.fusions.tensordot import FUSION as TENSORDOT
 
-FUSION_ORDER = [GEMM_TO_MATMUL, LAYER_NORM, GELU, FAST_GELU, ATTENTION, CAUSAL_ATTENTION, EMBED_LAYER_NORM,
-                SKIP_LAYER_NORM]
+FUSION_ORDER = [GEMM_TO_MATMUL, TENSORDOT, LAYER_NORM, LAYER_NORM_TF, GELU, FAST_GELU, ATTENTION, CAUSAL_ATTENTION,
+                EMBED_LAYER_NORM, SKIP_LAYER_NORM]

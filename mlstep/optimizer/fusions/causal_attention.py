@@ -41,17 +41,20 @@ class CausalAttention(pattern.RewriteRuleClassBase):
         self._mask_memo: dict[str, tuple[ir.Value | None, float, str]] = {}
 
     def pattern(self, op, q_in, k_in, v_in, q_shape, k_shape, v_shape, past_key, past_value, mask_bias,
-                q_scale, k_scale, s_scale, zero):
+                q_scale, k_scale, s_scale, zero, ctx_shape):
         q = _heads(op, q_in, q_shape)
         k = _heads(op, k_in, k_shape)
         v = _heads(op, v_in, v_shape)
         if self._with_past:
             k = op.Concat(past_key, k, _outputs=["present_key"])
             v = op.Concat(past_value, v, _outputs=["present_value"])
-        k_t = pattern.OrValue([
+        k_t_forms = [
             op.Transpose(k, perm=[0, 1, 3, 2]),
             op.Reshape(op.Transpose(op.Reshape(k, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE),
-        ])
+        ]
+        if not self._with_past:   # no cache: K may be split straight into [B, N, d, S]
+            k_t_forms.append(op.Transpose(op.Reshape(k_in, k_shape), perm=[0, 2, 3, 1]))
+        k_t = pattern.OrValue(k_t_forms)
         q = pattern.OrValue([op.Mul(q, q_scale), q], tag_var="q_scaled", tag_values=[True, False])
         k_t = pattern.OrValue([op.Mul(k_t, k_scale), k_t], tag_var="k_scaled", tag_values=[True, False])
         scores = op.MatMul(q, k_t)
@@ -60,17 +63,20 @@ class CausalAttention(pattern.RewriteRuleClassBase):
         scores = pattern.OrValue([op.Add(scores, mask_bias), op.Add(mask_bias, scores)])
         probs = op.Softmax(scores, _outputs=["probs"])
         probs = pattern.OrValue([op.Cast(probs, to=ir.DataType.FLOAT), probs])
-        probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs])
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs], tag_var="nan_guard",
+                                tag_values=[True, False])
         ctx = op.MatMul(probs, v)
+        ctx = pattern.OrValue([op.Reshape(ctx, ctx_shape), ctx])   # TorchScript sdpa: a same-shape reshape
         return op.Reshape(op.Transpose(ctx, perm=[0, 2, 1, 3]), pattern.ANY_VALUE, _outputs=["merged"])
 
     def check(self, context, q_in, q_shape, k_shape, v_shape, probs, q_scaled, k_scaled, s_scaling, mask_bias,
-              q_scale=None, k_scale=None, s_scale=None, zero=None, present_key=None, present_value=None, **_):
+              q_scale=None, k_scale=None, s_scale=None, zero=None, present_key=None, present_value=None,
+              ctx_shape=None, **_):
         result = pattern.MatchResult()
         heads, head_size = self._heads(q_shape)
         if not heads:
             return result.fail("cannot tell the number of heads from the head split")
-        for shape in (k_shape, v_shape):
+        for shape in (k_shape, v_shape) + ((ctx_shape,) if ctx_shape is not None else ()):
             tail = shape_tail(shape)
             if len(tail) == 2 and tail[-1] not in (None, head_size):
                 return result.fail(f"K/V head size {tail[-1]} differs from Q's {head_size}")
@@ -90,7 +96,7 @@ class CausalAttention(pattern.RewriteRuleClassBase):
             return result.fail(reason)
         return result
 
-    def rewrite(self, op, q_in, k_in, v_in, q_shape, mask_bias, merged, q_scaled, k_scaled, s_scaling,
+    def rewrite(self, op, q_in, k_in, v_in, q_shape, mask_bias, merged, q_scaled, k_scaled, s_scaling, nan_guard,
                 q_scale=None, k_scale=None, s_scale=None, past_key=None, past_value=None, **_):
         heads, head_size = self._heads(q_shape)
         source, fill, _ = self._mask_memo[mask_bias.name]
@@ -104,6 +110,8 @@ class CausalAttention(pattern.RewriteRuleClassBase):
             out, _present_k, _present_v = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, _outputs=3, **attrs)
         else:
             out = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, **attrs)
+        if math.isinf(fill) and nan_guard:
+            out = op.Mul(out, _has_visible_key(op, source, q_in))
         return op.Reshape(out, merged.producer().inputs[1])
 
     def _heads(self, q_shape) -> tuple[int, int]:
@@ -121,6 +129,19 @@ class CausalAttention(pattern.RewriteRuleClassBase):
         if mask_bias.name not in self._mask_memo:
             self._mask_memo[mask_bias.name] = causal_mask_source(model, mask_bias)
         return self._mask_memo[mask_bias.name]
+
+
+def _has_visible_key(op, mask: ir.Value, query: ir.Value) -> ir.Value:
+    """[B, S, 1]: 1.0 where query i sees at least one key (mask[b, :past+i+1] has a 1), else 0.0.
+
+    With a -inf mask a query that sees nothing gets NaN from Softmax, which the export's IsNaN guard turns
+    into a zero row; the fused op (finite fill) would give the mean of V instead. Multiplying by this keeps
+    the original's zeros (left-padded positions of a batched generation)."""
+    seen = op.CumSum(op.Cast(mask, to=ir.DataType.FLOAT), op.Constant(value_int=1))
+    seq = op.Gather(op.Shape(query), op.Constant(value_ints=[1]), axis=0)   # no Shape(start) below opset 15
+    current = op.Slice(seen, op.Neg(seq), op.Constant(value_ints=[2**62]), op.Constant(value_ints=[1]))
+    visible = op.Cast(op.Greater(current, op.Constant(value_float=0.0)), to=ir.DataType.FLOAT)
+    return op.Unsqueeze(visible, op.Constant(value_ints=[-1]))
 
 
 def _scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) -> float | None:

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_shape
-from mlstep.optimizer.probe import ancestry, evaluate, is_arange
+from mlstep.optimizer.probe import _NP, ancestry, evaluate, is_arange
 
 
 def _graph_input(value: ir.Value, graph_inputs) -> ir.Value | None:
@@ -105,7 +105,8 @@ def _position_input(model: ir.Model, position_ids: ir.Value) -> bool:
     if not anc.data_inputs:
         return False
     try:
-        feeds = [{v.name: np.ones((2, 5), dtype=np.int64) for v in anc.data_inputs + anc.shape_inputs}]
+        feeds = [{v.name: np.ones((2, 5), dtype=_NP.get(v.dtype, np.int64))   # int32 too (tf2onnx)
+                  for v in anc.data_inputs + anc.shape_inputs}]
         (out,) = evaluate(model, position_ids, feeds)
     except Exception:  # noqa: BLE001
         return False
@@ -116,7 +117,7 @@ def _all_zero(model: ir.Model, value: ir.Value) -> bool:
     if ancestry(model.graph, value).data_inputs:
         return False
     try:
-        feeds = [{v.name: np.zeros((2, 5), dtype=np.int64) for v in model.graph.inputs
+        feeds = [{v.name: np.zeros((2, 5), dtype=_NP.get(v.dtype, np.int64)) for v in model.graph.inputs
                   if v.shape is not None and len(v.shape) == 2}]
         (out,) = evaluate(model, value, feeds)
     except Exception:  # noqa: BLE001

@@ -36,8 +36,7 @@ class UnflattenMatMul(pattern.RewriteRuleClassBase):
         if x_dims is None or len(x_dims) != 3 or x_dims[-1] != ws[0] or any(d is None for d in x_dims):
             return result.fail(f"input is not [batch, sequence, {ws[0]}] ({x_dims})")
         flat = infer_content(graph, flat_shape)
-        if flat not in ([-1, ws[0]], [x_dims[0] if isinstance(x_dims[0], int) and isinstance(x_dims[1], int)
-                                       and None else -1, ws[0]]):
+        if flat != [-1, ws[0]]:
             return result.fail(f"the flattening reshape is {flat}, not [-1, {ws[0]}]")
         target = infer_content(graph, out_shape)
         if target is None or list(target) != list(x_dims[:-1]) + [ws[1]]:
