@@ -6,6 +6,7 @@ timeout) so that a crash or a hang of a peer becomes one short line in its cell.
 under ORT_DISABLE_ALL vs candidate, batches with no padding, right padding and left padding.
 
     .venv/bin/python benchmarks/fusion_matrix.py [--families bert,albert] [--out results.md]
+    .venv/bin/python benchmarks/fusion_matrix.py --tf      # TF/Keras rows from tests/tf_fixtures (no TF needed)
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ PEER_TIMEOUT = 300
 
 
 # --------------------------------------------------------------------------------------------- worker
-def _worker(peer: str, model: str, out: str) -> dict:
+def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: int = HEADS) -> dict:
     """Optimize ``model`` with ``peer``, save to ``out``, count fused ops and check parity."""
     result: dict = {}
     try:
@@ -53,7 +54,7 @@ def _worker(peer: str, model: str, out: str) -> dict:
             from onnxruntime.transformers import optimizer
 
             logging.disable(logging.WARNING)
-            m = optimizer.optimize_model(model, model_type="bert", num_heads=HEADS, hidden_size=HIDDEN,
+            m = optimizer.optimize_model(model, model_type=model_type, num_heads=heads, hidden_size=HIDDEN,
                                          opt_level=0)
             result["ort_stats"] = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
             m.save_model_to_file(out)
@@ -126,11 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--out", help="also write the markdown table (and refusal notes) to this file")
     ap.add_argument("--json", help="write raw per-cell results as JSON")
+    ap.add_argument("--tf", action="store_true", help="the TF/Keras rows instead: the committed tf2onnx fixtures "
+                    "(tests/tf_fixtures), ORT with model_type bert_tf / bert_keras")
     ap.add_argument("--_worker", nargs=3, metavar=("PEER", "MODEL", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--_model-type", default="bert", help=argparse.SUPPRESS)
+    ap.add_argument("--_heads", type=int, default=HEADS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        print(json.dumps(_worker(*args._worker)))
+        print(json.dumps(_worker(*args._worker, model_type=args._model_type, heads=args._heads)))
         return 0
+    if args.tf:
+        return tf_rows(args)
 
     import logging
     import warnings
@@ -190,6 +197,66 @@ def main(argv: list[str] | None = None) -> int:
               "parity = max |diff| over no/right/left-padded batches, fp32 atol 1e-4 + rtol 1e-3"]
     if notes:
         lines += ["", "mlstep refusals (verbose) for cells not fully fused:"] + notes
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+TF_FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "tf_fixtures"
+
+
+def tf_rows(args) -> int:
+    """TF BERT (tf2onnx from_function) and Keras BERT (from_keras) rows from the committed fixtures."""
+    import re
+
+    peers = args.peers.split(",")
+    header = ["model", "exporter", "fixture", "mlstep fused", "mlstep parity", "fully fused",
+              "ORT fused", "ORT parity", "onnxscript fused", "onnxscript parity"]
+    rows, raw, notes = [], {}, []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mlstep-matrix-tf-") as tmp:
+        for src in sorted(TF_FIXTURES.glob("*.onnx")):
+            model_type = "bert_keras" if src.name.startswith("bert_keras") else "bert_tf"
+            heads = int(re.search(r"_h(\d+)_", src.name).group(1))
+            opset = re.search(r"_op(\d+)_", src.name).group(1)
+            exporter = f"tf2onnx {'from_keras' if model_type == 'bert_keras' else 'from_function'} {opset}"
+            res = {}
+            for peer in PEERS:
+                if peer not in peers:
+                    res[peer] = {"error": "skipped"}
+                    continue
+                out = Path(tmp) / src.stem / peer / "model.onnx"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                res[peer] = run_json_subprocess([__file__, "--_worker", peer, str(src), str(out), "--_model-type",
+                                                 model_type, "--_heads", str(heads)], PEER_TIMEOUT)
+            raw[src.stem] = res
+            m_fused, m_par = cell(res["mlstep"])
+            ok, why = fully_fused("bert", res["mlstep"].get("counts", {})) if "counts" in res["mlstep"] \
+                else (False, "error")
+            o_fused, o_par = cell(res["ort"])
+            s_fused, s_par = cell(res["onnxscript"])
+            rows.append([model_type, exporter, re.sub(r"^.*?_op\d+_", "", src.stem), m_fused, m_par,
+                         "yes" if ok else f"no ({why})", o_fused, o_par, s_fused, s_par])
+            if not ok and res["mlstep"].get("refused"):
+                notes.append(f"- {src.stem}: " + "; ".join(res["mlstep"]["refused"][:6]))
+            print(f"[{time.perf_counter() - start:6.0f}s] {src.stem}: mlstep {m_fused} {m_par}", file=sys.stderr,
+                  flush=True)
+    versions = (TF_FIXTURES / "VERSIONS.txt").read_text().split()
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    n_ok = sum(1 for r in rows if r[5] == "yes" and r[4].endswith("pass"))
+    lines += ["", f"mlstep fully fused with parity: {n_ok}/{len(rows)} TF/Keras fixtures ({LAYERS} layers, hidden "
+              f"{HIDDEN}; fixture = opset, heads, token types, id dtype; made with "
+              f"{', '.join(v for v in versions if '==' in v and not v.startswith('python'))}; "
+              f"{time.perf_counter() - start:.0f} s)",
+              "ORT runs with model_type bert_tf / bert_keras and the fixture's head count; parity = max |diff| over "
+              "no/right/left-padded batches, fp32 atol 1e-4 + rtol 1e-3"]
+    if notes:
+        lines += ["", "mlstep refusals (verbose) for fixtures not fully fused:"] + notes
     text = "\n".join(lines)
     print(text)
     if args.out:

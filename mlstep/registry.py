@@ -24,9 +24,9 @@ Unset, the embedded default is MLflow 3's own: ``sqlite:///<cwd>/mlflow.db`` wit
 ``<cwd>/mlruns`` (``mlflow ui`` started in that folder shows it).
 
 Retries: every HTTP request is retried by MLflow's client (connection errors, 429/5xx) with exponential
-backoff; mlstep bounds it: ``MLSTEP_REGISTRY_RETRIES`` (default 5), ``MLSTEP_REGISTRY_BACKOFF`` (seconds,
-default 1: waits of about 1, 2, 4, 8, 16 s) and ``MLSTEP_REGISTRY_TIMEOUT`` (seconds per request,
-default 30). Set, they override MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables; unset, those are honoured
+backoff; mlstep bounds it: ``MLSTEP_REGISTRY_RETRIES`` (default 5), ``MLSTEP_REGISTRY_BACKOFF`` (whole seconds,
+default 1: waits of about 0, 2, 4, 8, 16 s, plus up to 1 s of jitter) and ``MLSTEP_REGISTRY_TIMEOUT``
+(whole seconds per request, default 30): about half a minute before a dead server is reported. Set, they override MLflow's ``MLFLOW_HTTP_REQUEST_*`` variables; unset, those are honoured
 and only missing ones get mlstep's defaults. When they are spent: one line, exit 2 (``RegistryError``).
 
 Idempotency key of a registered variant: (registered model name, ``mlstep.source`` = the concrete source
@@ -86,6 +86,40 @@ def check_alias(alias: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- resolution
+
+def parse_uri(uri: str) -> tuple[str, str, str | None]:
+    """Check an MLflow URI's shape (no store needed): ``(kind, first, second)``.
+
+    ``("run", RUN_ID, PATH)``, ``("logged_model", "m-ID", None)``, ``("alias", NAME, ALIAS)``,
+    ``("version", NAME, VERSION | "latest")``. ``BadInputError`` for anything else.
+    """
+    shown = scrub(uri)
+    if uri.startswith("runs:/"):
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        path = path.strip("/")
+        if not run_id or not _RUN_ID.match(run_id) or not path:
+            raise BadInputError(f"{shown}: expected runs:/RUN_ID/PATH")
+        return "run", run_id, path
+    if not uri.startswith("models:/"):
+        raise BadInputError(f"{shown}: not an MLflow URI (runs:/... or models:/...)")
+    rest = uri[len("models:/"):]
+    if rest.startswith("m-") and "/" not in rest and "@" not in rest and len(rest) > 2:
+        return "logged_model", rest, None
+    if "@" in rest:
+        name, alias = rest.rsplit("@", 1)
+        if not name or not alias or "/" in alias:
+            raise BadInputError(f"{shown}: expected models:/NAME@ALIAS")
+        return "alias", name, alias
+    name, _, number = rest.rpartition("/")
+    if not name or not number:
+        raise BadInputError(f"{shown}: expected models:/NAME/VERSION, models:/NAME@ALIAS or models:/m-ID")
+    if number.lower() == "latest":
+        return "version", name, "latest"
+    if not number.isdigit():
+        raise BadInputError(f"{shown}: version {number!r} is not a number (stages are not supported: "
+                            "use models:/NAME@ALIAS)")
+    return "version", name, number
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -223,11 +257,9 @@ def _configure() -> None:
     if _configured:
         return
     for ours, (theirs, default) in RETRY_DEFAULTS.items():
-        value = os.environ.get(ours) or os.environ.get(theirs) or default
-        try:
-            float(value)
-        except ValueError:
-            raise UsageError(f"{ours if os.environ.get(ours) else theirs}={value!r} is not a number") from None
+        value = (os.environ.get(ours) or os.environ.get(theirs) or default).strip()
+        if not value.isdigit():       # MLflow reads all three as integers
+            raise UsageError(f"{ours if os.environ.get(ours) else theirs}={value!r}: expected a whole number >= 0")
         os.environ[theirs] = value
     # The client prints the run's URL (with any user:password in it) to stdout when a run ends, progress
     # bars when it downloads, and INFO lines when it registers: the step reports all that itself.
@@ -244,9 +276,9 @@ def _configure() -> None:
 
 def retry_policy() -> dict[str, float]:
     _configure()
-    return {"retries": int(float(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])),
-            "backoff_s": float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]),
-            "timeout_s": float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])}
+    return {"retries": int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]),
+            "backoff_s": int(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]),
+            "timeout_s": int(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"])}
 
 
 @dataclass
@@ -281,9 +313,7 @@ class Registry:
         self.uri = uri or tracking_uri()
         self.registry_uri = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or self.uri
         self.shown = _shown(self.uri)
-        self.embedded = self.uri.startswith("sqlite:") and not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-        if self.embedded:
-            (Path.cwd() / DEFAULT_ARTIFACTS).mkdir(exist_ok=True)
+        self.embedded = not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.registry_uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.registry_uri)
@@ -323,45 +353,32 @@ class Registry:
     def resolve(self, uri: str, workdir: Path) -> Resolved:
         """Resolve an MLflow URI to a concrete source and download it into ``workdir``."""
         shown = scrub(uri)
-        if uri.startswith("runs:/"):
-            run_id, _, path = uri[len("runs:/"):].partition("/")
-            path = path.strip("/")
-            if not run_id or not _RUN_ID.match(run_id) or not path:
-                raise BadInputError(f"{shown}: expected runs:/RUN_ID/PATH")
-            run = self.call(f"run {run_id}", self.client.get_run, run_id)
-            concrete = f"runs:/{run.info.run_id}/{path}"
+        kind, first, second = parse_uri(uri)
+        if kind == "run":
+            run = self.call(f"run {first}", self.client.get_run, first)
+            concrete = f"runs:/{run.info.run_id}/{second}"
             local = self._download(concrete, workdir, shown)
             return Resolved(requested=shown, uri=concrete, kind="run", local_path=local,
                             name=self._name_of_run(run.info.run_id), run_id=run.info.run_id)
-        rest = uri[len("models:/"):]
-        if rest.startswith("m-") and "/" not in rest and "@" not in rest:
-            logged = self.call(shown, self.client.get_logged_model, rest)
+        if kind == "logged_model":
+            logged = self.call(shown, self.client.get_logged_model, first)
             concrete = f"models:/{logged.model_id}"
             local = self._download(concrete, workdir, shown)
             return Resolved(requested=shown, uri=concrete, kind="logged_model", local_path=local,
                             name=self._name_of_logged_model(logged), run_id=logged.source_run_id,
                             model_id=logged.model_id)
-        alias = None
-        if "@" in rest:
-            name, alias = rest.rsplit("@", 1)
-            if not name or not alias or "/" in alias:
-                raise BadInputError(f"{shown}: expected models:/NAME@ALIAS")
+        name, alias = first, None
+        if kind == "alias":
+            alias = second
             version = self.call(shown, self.client.get_model_version_by_alias, name, alias)
+        elif second == "latest":
+            found = self.call(shown, self.client.search_model_versions, _filter(name=name),
+                              max_results=1, order_by=["version_number DESC"])
+            if not found:
+                raise BadInputError(f"{shown}: not found in MLflow at {self.shown}")
+            version = found[0]
         else:
-            name, _, number = rest.rpartition("/")
-            if not name or not number:
-                raise BadInputError(f"{shown}: expected models:/NAME/VERSION, models:/NAME@ALIAS or models:/m-ID")
-            if number.lower() == "latest":
-                found = self.call(shown, self.client.search_model_versions, _filter(name=name),
-                                  max_results=1, order_by=["version_number DESC"])
-                if not found:
-                    raise BadInputError(f"{shown}: no versions registered")
-                version = found[0]
-            elif number.isdigit():
-                version = self.call(shown, self.client.get_model_version, name, number)
-            else:
-                raise BadInputError(f"{shown}: version {number!r} is not a number (stages are not supported: "
-                                    "use models:/NAME@ALIAS)")
+            version = self.call(shown, self.client.get_model_version, name, second)
         concrete = f"models:/{version.name}/{version.version}"
         local = self._download(concrete, workdir, f"{shown} ({concrete})" if concrete != shown else shown)
         return Resolved(requested=shown, uri=concrete, kind="model_version", local_path=local, name=version.name,
@@ -527,17 +544,13 @@ class Registry:
         """
         check_alias(alias)
         shown = scrub(uri)
-        if not uri.startswith("models:/") or uri.startswith("models:/m-"):
-            raise BadInputError(f"{shown}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-        rest = uri[len("models:/"):]
-        if "@" in rest:
-            name, source_alias = rest.rsplit("@", 1)
-            version = self.call(shown, self.client.get_model_version_by_alias, name, source_alias)
+        kind, name, second = parse_uri(uri) if uri.startswith("models:/") else ("other", "", None)
+        if kind == "alias":
+            version = self.call(shown, self.client.get_model_version_by_alias, name, second)
+        elif kind == "version" and second != "latest":
+            version = self.call(shown, self.client.get_model_version, name, second)
         else:
-            name, _, number = rest.rpartition("/")
-            if not name or not number.isdigit():
-                raise BadInputError(f"{shown}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
-            version = self.call(shown, self.client.get_model_version, name, number)
+            raise BadInputError(f"{shown}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
         concrete = f"models:/{version.name}/{version.version}"
         gates = (version.tags or {}).get(TAG_GATES)
         if gates != "passed":

@@ -164,6 +164,9 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
     publish = publish.checked()
     # The CLI's --precision decides the fp16 variant; the option records it (and joins the options hash).
     options = dataclasses.replace(options, float16="fp16" in settings.precisions).validate()
+    if settings.require_gpu:                      # fail before any work, not after optimizing on the CPU
+        from mlstep.bench.gates import require_cuda
+        require_cuda()
 
     with contextlib.ExitStack() as stack:
         with _stage(listener, "resolve", scrub(os.fspath(source))) as note:
@@ -180,11 +183,11 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                 note(_fusion_text(optimized.fusions))
             with _stage(listener, "variants", ", ".join(settings.precisions)):
                 paths, fusions = build_variants(optimized.model, settings.precisions, tmp)
-            parity, latency, baseline = {}, {}, None
+            parity, latency, baseline, gates = {}, {}, None, None
             if settings.validate or settings.benchmark:
                 with _stage(listener, "inputs", f"batch {settings.batch_size} x sequence {settings.sequence_length}"):
                     cases = make_inputs(model_path, settings)
-                providers = _providers(options.use_gpu)
+                providers = _providers(options.use_gpu or settings.require_gpu)
                 if settings.validate:
                     with _stage(listener, "parity") as note:
                         parity = validate(model_path, paths, cases, providers)
@@ -192,9 +195,12 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                                        for n, r in parity.items()))
                 if settings.benchmark:
                     with _stage(listener, "latency") as note:
-                        baseline, latency = benchmark(model_path, paths, cases[0].feeds, providers, settings)
+                        from mlstep.bench.gates import GateSettings, run_gates
+                        gates = run_gates(model_path, paths, GateSettings.from_settings(
+                            settings, use_gpu=options.use_gpu), output_dir=tmp / LATENCY_DIR)
+                        baseline, latency = gates.baseline, {n: g.stats for n, g in gates.variants.items()}
                         note(", ".join(f"{n} {s.median_ms:.2f} ms" for n, s in latency.items())
-                             + f" (source {baseline.median_ms:.2f} ms)")
+                             + f" (source {baseline.median_ms:.2f} ms, {gates.provider})")
             fusion_log = optimized.log if options.verbose else None
             with _stage(listener, "report"):
                 facts = {name: VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
@@ -207,6 +213,9 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                                       options=_options_dict(options, settings), variants=facts,
                                       optimizer_seconds=optimized.seconds,
                                       mlflow=store.record(resolved, register_as) if store else None)
+                if gates is not None:
+                    from mlstep.bench.gates import apply_to_report
+                    apply_to_report(report, gates)   # gate.latency passed|failed, gate.passed (before registering)
                 if not register_as:
                     write_report(report, tmp, fusion_log=fusion_log)
             if register_as:
@@ -226,12 +235,15 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
     append_job_summary(Path(output_dir) / "report.md")
     if registry_error is not None:
         raise RegistryError(f"{registry_error} (outputs and report: {output_dir})")
-    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log))
+    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log),
+                      gates.moved(tmp, output_dir) if gates is not None else None)
 
 
 def _resolve(source, publish: PublishSettings, stack: contextlib.ExitStack):
     """(Resolved, the MLflow store or None, the registered model name to register under or None)."""
     from_mlflow = registry.is_mlflow_uri(source)
+    if from_mlflow:
+        registry.parse_uri(os.fspath(source))      # a malformed URI fails before any store is touched
     wants_registration = publish.register and (from_mlflow or bool(publish.register_as))
     store = None
     if from_mlflow or wants_registration:

@@ -32,3 +32,78 @@ def exported(export_dir):
         return cache[spec.key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 for the session: a free port, a sqlite backend and proxied
+    artifacts (``--serve-artifacts``) in a temp folder. Yields its URI; stopped (its process group) at the end."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = Path(sys.executable).parent / "mlflow"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
+    command += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------------
+
+# The GPT-2 layouts: TorchScript at the low end of its opsets, dynamo at 18.
+GPT2_LAYOUTS = [("torchscript", 14), ("dynamo", 18)]
+# variant -> (n_layer, lm_head): GPT2LMHeadModel, GPT2Model and a DistilGPT2-shaped (6-layer) LM.
+GPT2_VARIANTS = {"lm": (2, True), "model": (2, False), "distil": (6, True)}
+
+
+@pytest.fixture(scope="session")
+def exported_gpt2(export_dir):
+    """exported_gpt2(variant, exporter, opset, attention, with_past) -> .onnx path (made once per session)."""
+    from mlstep.export import build_gpt2, export_gpt2, tiny_gpt2_config
+
+    cache: dict[tuple, Path] = {}
+
+    def get(variant: str, exporter: str, opset: int, attention: str, with_past: bool) -> Path:
+        key = (variant, exporter, opset, attention, with_past)
+        if key not in cache:
+            n_layer, lm_head = GPT2_VARIANTS[variant]
+            model = build_gpt2(tiny_gpt2_config(attention, n_layer=n_layer), lm_head=lm_head)
+            name = f"gpt2-{variant}-{exporter}{opset}-{attention}{'-past' if with_past else ''}.onnx"
+            cache[key] = export_gpt2(model, export_dir / name, exporter, opset, with_past=with_past)
+        return cache[key]
+
+    return get

@@ -18,7 +18,8 @@ from mlstep.export import ExportSpec
 _SCRIPT = Path(sys.executable).parent / "mlstep"
 MLSTEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from mlstep.cli.main import app; app()"]
 
-REPORT_KEYS = {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "variants"}
+REPORT_KEYS = {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
+               "variants"}
 VARIANT_KEYS = {"path", "fusions", "parity", "latency_ms", "gate", "registered"}
 
 
@@ -160,9 +161,10 @@ def test_source_inside_output_is_refused(tmp_path):
     assert "inside the output folder" in proc.stderr and source.is_file()
 
 
-def test_mlflow_uri_needs_registry(tmp_path):
-    proc = mlstep("optimize", "models:/bert/1", "-o", tmp_path / "out")
-    assert_bad_input(proc, tmp_path / "out", "MLflow registry support")
+def test_malformed_mlflow_uri(tmp_path):
+    # Refused on its shape, before any MLflow store is touched (registry behaviour: tests/test_registry.py).
+    proc = mlstep("optimize", "models:/bert", "-o", tmp_path / "out")
+    assert_bad_input(proc, tmp_path / "out", "models:/NAME/VERSION")
 
 
 def test_credentials_never_printed(tmp_path):

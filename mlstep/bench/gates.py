@@ -333,7 +333,9 @@ def _run_pytest(work: Path, json_path: Path) -> None:
     failures = _Failures()
     buffer = io.StringIO()
     env = {gate_benchmarks.CONFIG_ENV: str(work / "config.json"), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-           "PYTEST_ADDOPTS": None}
+           "PYTEST_ADDOPTS": None,
+           # pytest sets and removes this one; keep an outer pytest's value (run_gates inside a test).
+           "PYTEST_CURRENT_TEST": os.environ.get("PYTEST_CURRENT_TEST")}
     with _PYTEST_LOCK, _environ(env), contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
         code = pytest.main(args, plugins=[pytest_benchmark.plugin, failures])
     if code != 0 or not json_path.is_file():

@@ -6,6 +6,7 @@ prints exactly one line (the error). The summary (per-variant fusions, parity, l
 """
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -155,8 +156,10 @@ def optimize(
         validate=not skip_validation, benchmark=not skip_benchmark,
         batch_size=batch_size, sequence_length=sequence_length, warmup=warmup, repeat=repeat,
         max_slowdown=max_slowdown, min_speedup=min_speedup, require_gpu=require_gpu)
+    publish = step.PublishSettings(register=not no_register, register_as=register_as,
+                                   aliases=(("fp32", alias_fp32), ("fp16", alias_fp16)), experiment=experiment)
     with _progress(verbose) as listener:
-        result = step.run(source, output, options, settings, listener)
+        result = step.run(source, output, options, settings, listener, publish)
     _print_summary(result, verbose)
     result.check()
 
@@ -214,7 +217,9 @@ def _print_summary(result, verbose: bool) -> None:
 
     from mlstep.report import fusion_table, summary_table
 
-    console = Console(highlight=False)
+    # Not a terminal (CI logs, pipes): wide enough that the table's columns (URIs included) are not cut.
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    console = Console(highlight=False, width=wide)
     report = result.report
     if verbose:
         for entry in result.fusion_log:

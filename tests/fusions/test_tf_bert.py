@@ -172,7 +172,7 @@ def _tf_layer_norm_graph(shape: list) -> onnx.ModelProto:
              helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", ["inv", "gamma"], ["s"]),
              helper.make_node("Mul", ["mean", "s"], ["ms"]), helper.make_node("Sub", ["beta", "ms"], ["shift"]),
              helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Add", ["xs", "shift"], ["y"])]
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -214,7 +214,7 @@ def _tensordot_graph(target: list[int]) -> onnx.ModelProto:
              helper.make_node("Reshape", ["m", "back" if not target else "target"], ["y"])]
     inits += [onnx.numpy_helper.from_array(np.array([0, 1], dtype=np.int64), "idx"),
               onnx.numpy_helper.from_array(np.array([6], dtype=np.int64), "n")]
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def test_tensordot_unflatten_becomes_matmul():

@@ -10,7 +10,8 @@ committed .onnx files and never installs TensorFlow)::
 
 Each fixture is a tiny TFBertModel (hidden 32, 2 layers, vocab 99) whose every weight, bias and LayerNorm
 scale/shift is perturbed with random noise (a zero bias or a unit scale would let a wrong fusion pass
-parity). Outputs: last_hidden_state and pooler_output. The script also checks each export against
+parity); the weights are the same on every run (seeded), the node order and constant names tf2onnx
+writes may differ from run to run. Outputs: last_hidden_state and pooler_output. The script also checks each export against
 TensorFlow itself on a left- and right-padded batch, and writes VERSIONS.txt.
 """
 from __future__ import annotations
@@ -43,7 +44,8 @@ FIXTURES = {
 
 
 def tiny_bert(heads: int, seed: int) -> TFBertModel:
-    tf.random.set_seed(seed)
+    keras.utils.set_random_seed(seed)           # python, numpy and TF seeds: the same weights on every run
+    tf.config.experimental.enable_op_determinism()
     config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=heads,
                         intermediate_size=INTERMEDIATE, max_position_embeddings=MAX_POS, type_vocab_size=2,
                         hidden_act="gelu")

@@ -86,4 +86,4 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
     return [TfLayerNormFusion.rule(f"TfLayerNorm[{square}]", square=square) for square in ("mul", "pow")]
 
 
-FUSION = Fusion("layer_norm", _rules, anchor="Sqrt")
+FUSION = Fusion("layer_norm_tf", _rules, anchor="Sqrt")

@@ -1,0 +1,239 @@
+"""GPT-2 causal self-attention -> MultiHeadAttention (unidirectional), with and without past state.
+
+Positive: GPT2LMHeadModel on every layout {torchscript 14, dynamo 18} x {eager, sdpa} x {past, no past},
+GPT2Model and a DistilGPT2-shaped 6-layer LM on opposite corners; the whole pipeline runs, so FastGelu
+(bias absorbed) and SkipLayerNormalization (2 per layer + the final one) are counted too. Parity is
+generation parity: batch 3 with no, right and LEFT padding, past lengths 0, 1, 4, 17 and sequence 1 and 5,
+logits (or last_hidden_state) and every present compared.
+Negative: near-misses made by editing real exports (a bidirectional padding mask instead of the causal
+one, a causal mask whose diagonal is shifted, Softmax over the query axis) must not fuse, with the reason.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import GPT2_VARIANTS
+
+from mlstep.optimizer import OptimizeOptions, optimize
+from mlstep.optimizer.fusions._base import MS_DOMAIN
+from mlstep.optimizer.passes import prepare
+from mlstep.validate import check_parity, synthesize_inputs
+
+HEADS = 4
+PASTS = (0, 1, 4, 17)
+SEQUENCES = (1, 5)
+
+# Every layout for GPT2LMHeadModel; GPT2Model and DistilGPT2 on two opposite corners, with and without past.
+FULL = [("lm", e, o, a, p) for e, o in (("torchscript", 14), ("dynamo", 18)) for a in ("eager", "sdpa")
+        for p in (False, True)]
+CORNERS = [(v, "torchscript", 14, "eager", True) for v in ("model", "distil")] + \
+          [(v, "dynamo", 18, "sdpa", p) for v in ("model", "distil") for p in (False, True)]
+
+
+def ops(model: ir.Model) -> Counter:
+    return Counter((n.domain, n.op_type) for n in model.graph)
+
+
+def nodes(model: ir.Model, op_type: str) -> list[ir.Node]:
+    return [n for n in model.graph if n.op_type == op_type and n.domain == MS_DOMAIN]
+
+
+def generation_cases(original: ir.Model, with_past: bool):
+    """Batch 3 (no / right / left padding) at every past length and sequence length (no past: past 0)."""
+    cases = []
+    for past in PASTS if with_past else (0,):
+        for seq in SEQUENCES + (() if with_past else (8,)):
+            for case in synthesize_inputs(original, batch=3, sequence=seq, past_sequence=past):
+                case.name = f"{case.name} past={past} seq={seq}"
+                cases.append(case)
+    return cases
+
+
+def assert_generation_parity(path: Path, fused: ir.Model, tmp_path: Path, with_past: bool) -> None:
+    saved = tmp_path / "fused.onnx"
+    ir.save(fused, saved)
+    original = ir.load(path)
+    cases = generation_cases(original, with_past)
+    assert any("left" in c.name and c.feeds["attention_mask"][:, 0].min() == 0 for c in cases)  # real left pads
+    result = check_parity(path, saved, "fp32", cases)
+    outputs = {v.name for v in original.graph.outputs}
+    assert set(result.per_output) == outputs                        # logits AND every present compared
+    assert result.passed, (result.worst_output, result.worst_case, result.max_abs_diff)
+
+
+def fuse(path: Path, verbose: bool = False):
+    return optimize(ir.load(path), OptimizeOptions(verbose=verbose))
+
+
+@pytest.mark.parametrize("variant,exporter,opset,attention,with_past", FULL + CORNERS)
+def test_gpt2_fully_fused_with_generation_parity(exported_gpt2, tmp_path, variant, exporter, opset, attention,
+                                                 with_past):
+    n_layer, lm_head = GPT2_VARIANTS[variant]
+    path = exported_gpt2(variant, exporter, opset, attention, with_past)
+    result = fuse(path)
+    model = result.model
+    counts = ops(model)
+    assert result.model_type == "gpt2"
+    # attention: one MHA per layer, causal, every head; no Softmax left anywhere
+    mha = nodes(model, "MultiHeadAttention")
+    assert len(mha) == n_layer, result.summary_lines()
+    assert counts[("", "Softmax")] == 0
+    for node in mha:
+        assert node.attributes.get_int("unidirectional") == 1
+        assert node.attributes.get_int("num_heads") == HEADS
+    # past: the MHA nodes read the past inputs and produce the present outputs themselves
+    presents = [v for v in model.graph.outputs if v.name.startswith("present_")]
+    assert len(presents) == (2 * n_layer if with_past else 0)
+    for value in presents:
+        producer = value.producer()
+        assert producer.op_type == "MultiHeadAttention" and producer.domain == MS_DOMAIN, value.name
+        layer = int(value.name.rsplit("_", 1)[1])
+        kind = value.name.split("_")[1]
+        assert producer.inputs[6 if kind == "key" else 7].name == f"past_{kind}_{layer}"
+    if not with_past:
+        assert all(len(n.outputs) == 1 for n in mha)
+    # MLP: FastGelu with the bias absorbed, one per layer
+    gelus = nodes(model, "FastGelu")
+    assert len(gelus) == n_layer
+    assert all(len(n.inputs) == 2 and n.inputs[1] is not None and n.inputs[1].const_value is not None
+               for n in gelus)
+    assert counts[("", "Tanh")] == 0
+    # residuals: 2 SkipLayerNormalization per layer, plus the final LayerNorm (it takes the last sum)
+    assert len(nodes(model, "SkipLayerNormalization")) == 2 * n_layer + 1
+    assert [v.name for v in model.graph.outputs][0] == ("logits" if lm_head else "last_hidden_state")
+    assert_generation_parity(path, model, tmp_path, with_past)
+
+
+# --- negative: near-misses made from real exports --------------------------------------------------
+
+def _has_matmul_ancestor(value: ir.Value) -> bool:
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        node = v.producer() if v is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul":
+            return True
+        stack.extend(node.inputs)
+    return False
+
+
+def _softmax_adds(model: ir.Model) -> list[tuple[ir.Node, int]]:
+    """(Add feeding a Softmax, index of its mask-bias operand): the operand with no MatMul behind it."""
+    found = []
+    for softmax in [n for n in model.graph if n.op_type == "Softmax"]:
+        add = softmax.inputs[0].producer()
+        assert add is not None and add.op_type == "Add"
+        masks = [i for i, v in enumerate(add.inputs) if not _has_matmul_ancestor(v)]
+        assert len(masks) == 1, "expected one mask-bias operand"
+        found.append((add, masks[0]))
+    assert len(found) == 2
+    return found
+
+
+def _const(value: np.ndarray) -> ir.Node:
+    tensor = ir.tensor(value)
+    node = ir.node("Constant", [], attributes={"value": tensor})
+    node.outputs[0].const_value = tensor
+    return node
+
+
+def _prepend(model: ir.Model, new_nodes: list[ir.Node], prefix: str) -> None:
+    for i, node in enumerate(new_nodes):
+        node.outputs[0].name = f"{prefix}_{i}"
+    model.graph.insert_before(next(iter(model.graph)), new_nodes)
+
+
+def _input(model: ir.Model, name: str) -> ir.Value:
+    return next(v for v in model.graph.inputs if v.name == name)
+
+
+def bidirectional_padding_mask(model: ir.Model) -> None:
+    """The causal + padding bias becomes a pure padding bias (1 - mask[:, None, None, :]) * -1e9: every
+    query sees every non-padded key, future ones included (an encoder's mask)."""
+    mask = _input(model, "attention_mask")
+    cast = ir.node("Cast", [mask], attributes={"to": ir.DataType.FLOAT})
+    one, big, axes = _const(np.array(1.0, np.float32)), _const(np.array(-1e9, np.float32)), \
+        _const(np.array([1, 2], np.int64))
+    inverted = ir.node("Sub", [one.outputs[0], cast.outputs[0]])
+    bias = ir.node("Mul", [inverted.outputs[0], big.outputs[0]])
+    expanded = ir.node("Unsqueeze", [bias.outputs[0], axes.outputs[0]])
+    _prepend(model, [cast, one, big, axes, inverted, bias, expanded], "padding_bias")
+    for add, index in _softmax_adds(model):
+        add.replace_input_with(index, expanded.outputs[0])
+
+
+def shifted_diagonal(model: ir.Model) -> None:
+    """The causal bias + triu(-1e9, k=past) over [S, past + S]: query i no longer sees key past + i (itself)."""
+    ids, mask = _input(model, "input_ids"), _input(model, "attention_mask")
+    one = _const(np.array(1, np.int64))
+    zero_axis = _const(np.array([0], np.int64))
+    ids_shape, mask_shape = ir.node("Shape", [ids]), ir.node("Shape", [mask])
+    seq = ir.node("Gather", [ids_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
+    total = ir.node("Gather", [mask_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
+    past = ir.node("Sub", [total.outputs[0], seq.outputs[0]])
+    seq1 = ir.node("Unsqueeze", [seq.outputs[0], zero_axis.outputs[0]])
+    total1 = ir.node("Unsqueeze", [total.outputs[0], zero_axis.outputs[0]])
+    square = ir.node("Concat", [seq1.outputs[0], total1.outputs[0]], attributes={"axis": 0})
+    fill = ir.node("ConstantOfShape", [square.outputs[0]],
+                   attributes={"value": ir.tensor(np.array([-1e9], dtype=np.float32))})
+    upper = ir.node("Trilu", [fill.outputs[0], past.outputs[0]], attributes={"upper": 1})
+    _prepend(model, [one, zero_axis, ids_shape, mask_shape, seq, total, past, seq1, total1, square, fill, upper],
+             "shifted")
+    for n, (add, index) in enumerate(_softmax_adds(model)):
+        shifted = ir.node("Add", [add.inputs[index], upper.outputs[0]])
+        shifted.outputs[0].name = f"shifted_bias_{n}"
+        model.graph.insert_before(add, shifted)
+        add.replace_input_with(index, shifted.outputs[0])
+
+
+def softmax_over_queries(model: ir.Model) -> None:
+    for node in model.graph:
+        if node.op_type == "Softmax":
+            node.attributes["axis"] = ir.Attr("axis", ir.AttributeType.INT, 2)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+NEAR_MISS_LAYOUTS = [("torchscript", 14, "eager", True), ("dynamo", 18, "sdpa", True), ("dynamo", 18, "eager", False)]
+
+
+@pytest.mark.parametrize("exporter,opset,attention,with_past", NEAR_MISS_LAYOUTS)
+@pytest.mark.parametrize("edit,says", [(bidirectional_padding_mask, "does not block future"),
+                                       (shifted_diagonal, "not zero on visible tokens"),
+                                       (softmax_over_queries, "not over the key axis")])
+def test_near_miss_does_not_fuse(exported_gpt2, tmp_path, exporter, opset, attention, with_past, edit, says):
+    path = exported_gpt2("lm", exporter, opset, attention, with_past)
+    model = prepare(ir.load(path))
+    edit(model)
+    edited = tmp_path / "edited.onnx"
+    ir.save(model, edited)
+    # the edit is a valid model that computes something else (left-padded generation step): fusing it
+    # as causal attention would be wrong
+    feeds = synthesize_inputs(ir.load(path), batch=3, sequence=5, past_sequence=4 if with_past else 0)[2].feeds
+    assert not np.allclose(_session(edited).run(None, feeds)[0], _session(path).run(None, feeds)[0], atol=1e-3)
+    result = fuse(edited, verbose=True)
+    counts = ops(result.model)
+    assert counts[(MS_DOMAIN, "MultiHeadAttention")] == 0
+    assert counts[(MS_DOMAIN, "Attention")] == 0
+    assert counts[("", "Softmax")] == 2
+    refused = [r for entry in result.log if entry.name == "causal_attention" for r in entry.refused]
+    assert any(says in reason for reason in refused), result.summary_lines()
+    # what did fuse around the refused attention still computes the edited model's function
+    saved = tmp_path / "fused.onnx"
+    ir.save(result.model, saved)
+    parity = check_parity(edited, saved, "fp32", synthesize_inputs(ir.load(edited), batch=3, sequence=5,
+                                                                   past_sequence=4 if with_past else 0))
+    assert parity.passed, (parity.worst_output, parity.worst_case, parity.max_abs_diff)
