@@ -7,6 +7,7 @@ under ORT_DISABLE_ALL vs candidate, batches with no padding, right padding and l
 
     .venv/bin/python benchmarks/fusion_matrix.py [--families bert,albert] [--out results.md]
     .venv/bin/python benchmarks/fusion_matrix.py --tf      # TF/Keras rows from tests/tf_fixtures (no TF needed)
+    .venv/bin/python benchmarks/fusion_matrix.py --gpt2    # GPT-2 rows (GPT2Model, GPT2LMHeadModel, distilgpt2, with past)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ PEER_TIMEOUT = 300
 
 
 # --------------------------------------------------------------------------------------------- worker
-def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: int = HEADS) -> dict:
+def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: int = HEADS, past: int = 0) -> dict:
     """Optimize ``model`` with ``peer``, save to ``out``, count fused ops and check parity."""
     result: dict = {}
     try:
@@ -75,7 +76,7 @@ def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: in
         import onnx_ir as ir
         from mlstep.validate import check_parity, synthesize_inputs
 
-        cases = synthesize_inputs(ir.load(model))
+        cases = synthesize_inputs(ir.load(model), past_sequence=past)
         p = check_parity(model, out, "fp32", cases)
         result["parity"] = {"max_abs_diff": p.max_abs_diff, "passed": p.passed, "worst_case": p.worst_case}
     except Exception as err:
@@ -132,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_worker", nargs=3, metavar=("PEER", "MODEL", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--_model-type", default="bert", help=argparse.SUPPRESS)
     ap.add_argument("--_heads", type=int, default=HEADS, help=argparse.SUPPRESS)
+    ap.add_argument("--gpt2", action="store_true", help="the GPT-2 rows instead: GPT2Model, GPT2LMHeadModel, "
+                    "distilgpt2 (6 layers), gpt2-with-past; ORT with model_type gpt2; parity with past at past 4")
+    ap.add_argument("--_past", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        print(json.dumps(_worker(*args._worker, model_type=args._model_type, heads=args._heads)))
+        print(json.dumps(_worker(*args._worker, model_type=args._model_type, heads=args._heads, past=args._past)))
         return 0
+    if args.gpt2:
+        return gpt2_rows(args)
     if args.tf:
         return tf_rows(args)
 
@@ -257,6 +263,98 @@ def tf_rows(args) -> int:
               "no/right/left-padded batches, fp32 atol 1e-4 + rtol 1e-3"]
     if notes:
         lines += ["", "mlstep refusals (verbose) for fixtures not fully fused:"] + notes
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- GPT-2
+# row -> (variant, n_layer, lm_head, with_past); variants as in tests/conftest.py
+GPT2_ROWS = {"gpt2 GPT2Model": (2, False, False), "gpt2 GPT2LMHeadModel": (2, True, False),
+             "distilgpt2": (6, True, False), "gpt2-with-past": (2, True, True)}
+GPT2_LAYOUTS = (("torchscript", 14), ("dynamo", 18))
+GPT2_PAST = 4
+
+
+def gpt2_fully_fused(counts: dict[str, int], layers: int) -> tuple[bool, str]:
+    """Causal attention per layer, FastGelu (or Gelu) per layer, 2 SkipLayerNorm per layer + the final norm."""
+    att = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+    gelu = counts.get("FastGelu", 0) + counts.get("Gelu", 0) + counts.get("BiasGelu", 0)
+    sln, ln = counts.get("SkipLayerNormalization", 0), counts.get("LayerNormalization", 0)
+    missing = []
+    if att != layers:
+        missing.append(f"Att {att}/{layers}")
+    if gelu != layers:
+        missing.append(f"Gelu {gelu}/{layers}")
+    if not (sln == 2 * layers + 1 or (sln == 2 * layers and ln == 1)):
+        missing.append(f"SLN+LN {sln}+{ln}/{2 * layers}+1")
+    return (not missing, ", ".join(missing))
+
+
+def gpt2_rows(args) -> int:
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    from mlstep.export import build_gpt2, export_gpt2, tiny_gpt2_config
+
+    peers = args.peers.split(",")
+    header = ["model", "exporter", "attn", "mlstep fused", "mlstep parity", "fully fused",
+              "ORT fused", "ORT parity", "onnxscript fused", "onnxscript parity"]
+    rows, raw, notes = [], {}, []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mlstep-matrix-gpt2-") as tmp:
+        for row, (layers, lm_head, with_past) in GPT2_ROWS.items():
+            for exporter, opset in GPT2_LAYOUTS:
+                for attention in args.attention.split(","):
+                    key = f"{row.replace(' ', '-')}-{exporter}{opset}-{attention}"
+                    src = Path(tmp) / key / "model.onnx"
+                    try:
+                        model = build_gpt2(tiny_gpt2_config(attention, n_layer=layers), lm_head=lm_head)
+                        export_gpt2(model, src, exporter, opset, with_past=with_past)
+                    except Exception as err:
+                        rows.append([row, f"{exporter} {opset}", attention,
+                                     f"export failed: {short_error(str(err))}"] + ["-"] * 6)
+                        continue
+                    past = GPT2_PAST if with_past else 0
+                    res = {}
+                    for peer in PEERS:
+                        if peer not in peers:
+                            res[peer] = {"error": "skipped"}
+                            continue
+                        out = Path(tmp) / key / peer / "model.onnx"
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        res[peer] = run_json_subprocess(
+                            [__file__, "--_worker", peer, str(src), str(out), "--_model-type", "gpt2",
+                             "--_heads", str(HEADS), "--_past", str(past)], PEER_TIMEOUT)
+                    raw[key] = res
+                    m_fused, m_par = cell(res["mlstep"])
+                    ok, why = gpt2_fully_fused(res["mlstep"]["counts"], layers) if "counts" in res["mlstep"] \
+                        else (False, "error")
+                    o_fused, o_par = cell(res["ort"])
+                    s_fused, s_par = cell(res["onnxscript"])
+                    rows.append([row, f"{exporter} {opset}", attention, m_fused, m_par,
+                                 "yes" if ok else f"no ({why})", o_fused, o_par, s_fused, s_par])
+                    if not ok and res["mlstep"].get("refused"):
+                        notes.append(f"- {key}: " + "; ".join(res["mlstep"]["refused"][:6]))
+                    print(f"[{time.perf_counter() - start:6.0f}s] {key}: mlstep {m_fused} {m_par}", file=sys.stderr,
+                          flush=True)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    n_ok = sum(1 for r in rows if r[5] == "yes" and r[4].endswith("pass"))
+    lines += ["", f"mlstep fully fused with parity: {n_ok}/{len(rows)} GPT-2 cells (tiny: n_embd {HIDDEN}, {HEADS} "
+              f"heads, 2 layers, distilgpt2 6 layers; {time.perf_counter() - start:.0f} s)",
+              "ORT runs with model_type gpt2; parity = max |diff| over every output (logits/last_hidden_state and "
+              f"every present) on batch 2, sequence 8, no/right/left padding; with past: past length {GPT2_PAST}, "
+              "the mask spanning past + current tokens. Legend: MHA=MultiHeadAttention FG=FastGelu "
+              "SLN=SkipLayerNormalization LN=LayerNormalization"]
+    if notes:
+        lines += ["", "mlstep refusals (verbose) for cells not fully fused:"] + notes
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -226,3 +226,175 @@ def export_gpt2(model, path: Path, exporter: str = "dynamo", opset: int = 18, wi
         else:
             raise ValueError(f"unknown exporter {exporter!r}")
     return path
+
+
+# --- `mlstep export`: a local transformers folder or a config JSON -> one .onnx file ------------------
+
+EXPORT_FAMILIES = ENCODER_FAMILIES + ("gpt2",)
+DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
+_OPSETS = {"dynamo": range(18, 24), "torchscript": range(14, 21)}
+_EXTERNAL_DATA_BYTES = 1 << 30      # weights above this are written beside the model (protobuf caps at 2 GiB)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    family: str
+    architecture: str               # the transformers class exported
+    random_weights: bool            # True for a config JSON source
+    inputs: list[tuple[str, list]]  # (name, dims) of the graph inputs, dims readable
+    outputs: list[tuple[str, list]]
+    external_data: bool
+
+
+def read_source_config(source: str | Path):
+    """(transformers config, model folder or None) for a model folder or a config JSON; BadInputError else."""
+    import json
+
+    from mlstep.errors import BadInputError
+
+    path = Path(source)
+    if not path.exists():
+        raise BadInputError(f"{source}: no such file or folder (expected a transformers model folder or a "
+                            f"config JSON)")
+    folder = path if path.is_dir() else None
+    config_file = path / "config.json" if folder else path
+    if folder and not config_file.is_file():
+        raise BadInputError(f"{source}: not a transformers model folder (no config.json)")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise BadInputError(f"{config_file}: unreadable config ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{config_file}: unreadable config (a JSON object expected)")
+    model_type = data.get("model_type")
+    if model_type not in EXPORT_FAMILIES:
+        arch = ",".join(data.get("architectures") or []) if isinstance(data.get("architectures"), list) else ""
+        what = f"model_type {model_type!r}" + (f" ({arch})" if arch else "") if model_type else "no model_type"
+        raise BadInputError(f"{config_file}: unsupported architecture: {what}; mlstep export handles "
+                            f"{', '.join(EXPORT_FAMILIES)}")
+    import transformers as tf
+
+    try:
+        config = tf.CONFIG_MAPPING[model_type].from_dict(data)
+    except Exception as err:  # noqa: BLE001 - transformers' validation errors vary by version
+        raise BadInputError(f"{config_file}: unreadable {model_type} config ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return config, folder
+
+
+def readable_dims(model, with_past: bool) -> None:
+    """Rename the symbolic dims of graph inputs/outputs by role: batch, sequence, past_sequence,
+    total_sequence (dynamo's Dim.AUTO names them s10, s70, 's15 + s70'). Static dims are kept; other symbolic
+    dims get the readable name of the same symbol elsewhere on the graph's inputs/outputs (inner value_info
+    may keep the exporter's names). In place."""
+    import onnx_ir as ir
+
+    def roles(name: str) -> dict[int, str]:
+        if name.startswith("past_"):
+            return {0: "batch", 2: "past_sequence"}
+        if name.startswith("present_"):
+            return {0: "batch", 2: "total_sequence"}
+        if "mask" in name:
+            return {0: "batch", 1: "total_sequence" if with_past else "sequence"}
+        return {0: "batch", 1: "sequence"}   # input_ids, token_type_ids, position_ids, logits, hidden states
+
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    renamed: dict[str, str] = {}
+    for value in values:
+        if value.shape is None:
+            continue
+        for axis, role in roles(value.name).items():
+            if axis < len(value.shape) and not isinstance(value.shape[axis], int):
+                old = value.shape[axis].value
+                if old is not None:
+                    renamed.setdefault(old, role)
+    for value in values:
+        if value.shape is None:
+            continue
+        role = roles(value.name)
+        dims = []
+        for axis, dim in enumerate(value.shape):
+            if isinstance(dim, int):
+                dims.append(dim)
+            else:
+                dims.append(role.get(axis) or renamed.get(dim.value, dim.value))
+        value.shape = ir.Shape(dims)
+
+
+def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo", opset: int | None = None,
+                 attention: str = "sdpa", with_past: bool = False, lm_head: bool = True,
+                 external_data: bool | None = None) -> ExportResult:
+    """Export a local transformers model folder (its weights) or a config JSON (random weights, seed 0) of
+    the families bert, distilbert, roberta, albert (base model: last_hidden_state) and gpt2
+    (GPT2LMHeadModel, or GPT2Model with ``lm_head=False``; ``with_past`` adds past/present tensors).
+    ``external_data`` None: weights go beside the model when they exceed 1 GiB."""
+    import tempfile
+
+    import onnx_ir as ir
+
+    from mlstep.errors import BadInputError, OutputError, UsageError
+
+    if exporter not in DEFAULT_OPSET:
+        raise UsageError(f"unknown exporter {exporter!r} (choose from dynamo, torchscript)")
+    opset = DEFAULT_OPSET[exporter] if opset is None else opset
+    if opset not in _OPSETS[exporter]:
+        r = _OPSETS[exporter]
+        raise UsageError(f"opset {opset} is not supported by the {exporter} exporter (use {r.start}..{r.stop - 1})")
+    if attention not in ("sdpa", "eager"):
+        raise UsageError(f"unknown attention {attention!r} (choose from sdpa, eager)")
+    output = Path(output)
+    if output.is_dir():
+        raise OutputError(f"{output}: is a folder; --output names the .onnx file to write")
+    config, folder = read_source_config(source)
+    family = config.model_type
+    if family != "gpt2" and (with_past or not lm_head):
+        raise UsageError(f"--with-past and --no-lm-head apply to gpt2 only, not {family}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{output.parent}: cannot create the output folder ({err.strerror or err})") from None
+
+    import transformers as tf
+
+    config._attn_implementation = attention
+    if family == "gpt2":
+        cls = tf.GPT2LMHeadModel if lm_head else tf.GPT2Model
+    else:
+        cls = tf.AutoModel
+    if folder is None:
+        model = build_gpt2(config, lm_head=lm_head) if family == "gpt2" else build_model(config)
+    else:
+        try:
+            model = cls.from_pretrained(folder, config=config, attn_implementation=attention).eval()
+        except (OSError, ValueError) as err:
+            raise BadInputError(f"{folder}: cannot load the model's weights ({str(err).splitlines()[0]})") \
+                from None
+    architecture = type(model).__name__
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    external = params > _EXTERNAL_DATA_BYTES if external_data is None else external_data
+
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.export-", dir=output.parent) as tmp:
+        raw = Path(tmp) / "model.onnx"
+        if family == "gpt2":
+            export_gpt2(model, raw, exporter, opset, with_past=with_past, external_data=exporter == "dynamo")
+        else:
+            export_encoder(model, raw, exporter, opset, external_data=exporter == "dynamo")
+        onnx_model = ir.load(raw)
+        readable_dims(onnx_model, with_past)
+        for stale in (output, output.with_name(output.name + ".data")):
+            stale.unlink(missing_ok=True)
+        if not external:   # the exporter's external tensors go inline
+            onnx_model = ir.external_data.load_to_model(onnx_model)
+        ir.save(onnx_model, output, external_data=f"{output.name}.data" if external else None)
+        del onnx_model
+
+    def dims(value):
+        return [d if isinstance(d, int) else d.value for d in value.shape] if value.shape is not None else []
+
+    saved = ir.load(output)
+    return ExportResult(output, family, architecture, folder is None,
+                        [(v.name, dims(v)) for v in saved.graph.inputs],
+                        [(v.name, dims(v)) for v in saved.graph.outputs], external)
+

@@ -355,7 +355,7 @@ class Registry:
         shown = scrub(uri)
         kind, first, second = parse_uri(uri)
         if kind == "run":
-            run = self.call(f"run {first}", self.client.get_run, first)
+            run = self.call(shown, self.client.get_run, first)
             concrete = f"runs:/{run.info.run_id}/{second}"
             local = self._download(concrete, workdir, shown)
             return Resolved(requested=shown, uri=concrete, kind="run", local_path=local,
@@ -466,15 +466,18 @@ class Registry:
                     reg.error = pub.error
         report["mlflow"] = self.record(resolved, register_as, pub)
         files = list(write(report))
-        try:
-            for path, folder in [*((f, None) for f in files), *(evidence or {}).items()]:
-                self.call(f"log {path.name}", self.client.log_artifact, pub.run_id, str(path), folder)
-            self.call("log tags", self.client.set_tag, pub.run_id, TAG_GATES,
-                      "passed" if all(v["gate"]["passed"] for v in report["variants"].values()) else "failed")
-        except MlstepError as err:
-            pub.error, status = pub.error or str(err), "FAILED"
-        with contextlib.suppress(MlstepError):
-            self.call("end run", self.client.set_terminated, pub.run_id, status)
+        # A store that stopped answering is not asked again (each call would wait out its retries).
+        if pub.error is None or "did not answer" not in pub.error:
+            try:
+                for path, folder in [*((f, None) for f in files), *(evidence or {}).items()]:
+                    self.call(f"log {path.name}", self.client.log_artifact, pub.run_id, str(path), folder)
+                self.call("log tags", self.client.set_tag, pub.run_id, TAG_GATES,
+                          "passed" if all(v["gate"]["passed"] for v in report["variants"].values()) else "failed")
+            except MlstepError as err:
+                pub.error, status = pub.error or str(err), "FAILED"
+            if "did not answer" not in (pub.error or ""):
+                with contextlib.suppress(MlstepError):
+                    self.call("end run", self.client.set_terminated, pub.run_id, status)
         if pub.error:
             done = [f"{r.variant} {r.uri}" for r in pub.registrations.values() if r.uri]
             raise RegistryError(f"{pub.error} (registered so far: {', '.join(done) or 'nothing'}; "

@@ -70,7 +70,7 @@ def register_source(tracking: str, path: Path, name: str, alias: str | None = "c
 
 
 def versions(client: MlflowClient, name: str) -> dict[str, object]:
-    return {v.version: v for v in client.search_model_versions(f"name = '{name}'")}
+    return {str(v.version): v for v in client.search_model_versions(f"name = '{name}'")}
 
 
 def all_version_count(client: MlflowClient) -> int:
@@ -328,7 +328,8 @@ def test_failed_gate_registers_only_the_passing_variant_and_promote_checks_the_g
     assert client.get_model_version_by_alias("gated", "champion").version == "1"
 
     # A version whose gates failed (tagged by hand here: mlstep itself never registers one).
-    failed = client.create_model_version("gated", client.get_model_version("gated", "1").source,
+    source = client.get_model_version("gated", "1").source
+    failed = client.create_model_version("gated", source, model_id=source.removeprefix("models:/"),
                                          tags={"mlstep.gates": "failed", "mlstep.variant": "fp16"})
     refused = mlstep("promote", f"models:/gated/{failed.version}", "--alias", "champion", tracking=mlflow_server)
     line = one_line_error(refused, 1)
@@ -382,14 +383,14 @@ def test_embedded_default_store(tmp_path, monkeypatch):
     local = MlflowClient(store, store)
     found = versions(local, "embedded")
     assert sorted(found) == ["1", "2"] and found["2"].tags["mlstep.gates"] == "passed"
-    assert local.get_model_version_by_alias("embedded", "optimized-fp32").version == "2"
+    assert str(local.get_model_version_by_alias("embedded", "optimized-fp32").version) == "2"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["mlflow"]["tracking_uri"] == store
     run = local.get_run(report["mlflow"]["run_id"])
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri()) or str(tmp_path / "mlruns") in run.info.artifact_uri
     promoted = mlstep("promote", "models:/embedded/2", "--alias", "champion", cwd=tmp_path)
     assert promoted.returncode == 0, promoted.stderr
-    assert local.get_model_version_by_alias("embedded", "champion").version == "2"
+    assert str(local.get_model_version_by_alias("embedded", "champion").version) == "2"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mlflow")) == ["mlflow.db"]
 
 

@@ -24,6 +24,7 @@ import typer
 
 from mlstep import __version__
 from mlstep.cli import benchmark as benchmark_cmd
+from mlstep.cli import export as export_cmd
 from mlstep.cli import optimize as optimize_cmd
 from mlstep.cli import promote as promote_cmd
 from mlstep.errors import MlstepError
@@ -71,6 +72,7 @@ def _root(version: VersionOpt = False) -> None:
 app.command("optimize", no_args_is_help=True)(optimize_cmd.optimize)
 app.command("benchmark", no_args_is_help=True)(benchmark_cmd.benchmark)
 app.command("promote", no_args_is_help=True)(promote_cmd.promote)
+app.command("export", no_args_is_help=True)(export_cmd.export)
 
 
 @app.command("version")

@@ -259,6 +259,11 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
             for value, size in zip(node.outputs[1:], sizes[1:]):
                 dims[id(value)] = d[0][:axis] + [size] + d[0][axis + 1:]
             out = d[0][:axis] + [sizes[0]] + d[0][axis + 1:]
+            content = _content(ins[0], vals)   # a shape vector split in pieces (ORT turns Slices into a Split)
+            if content is not None and len(d[0]) == 1 and sum(sizes) == len(content) and min(sizes) >= 0:
+                starts = np.cumsum([0] + sizes[:-1]).tolist()
+                for value, start, size in zip(node.outputs, starts, sizes):
+                    vals[id(value)] = content[start:start + size]
     elif op == "Range":
         start, delta = _const_ints(ins[0]), _const_ints(ins[2])
         limit = _content(ins[1], vals)

@@ -129,6 +129,17 @@ def test_parity_fp16(fused, path, tmp_path):
     assert parity.passed, parity
 
 
+@pytest.mark.parametrize("path", FIXTURES, ids=fixture_id)
+def test_ort_prepass_then_fused(path, tmp_path):
+    """--opt-level 2: ORT rewrites the shape arithmetic first (Slices of a shape become a Split)."""
+    result = optimize_file(path, OptimizeOptions(opt_level=2))
+    assert result.fusions == {"Attention": LAYERS, "BiasGelu": LAYERS, "EmbedLayerNormalization": 1,
+                              "SkipLayerNormalization": 2 * LAYERS}
+    out = tmp_path / "model.onnx"
+    save(result.model, out)
+    assert check_parity(path, out, "fp32", cases_for(path)).passed
+
+
 def test_explicit_model_type_is_honoured():
     path = FIXTURE_DIR / "bert_tf_fn_op13_h4_tt_i32.onnx"
     result = optimize(ir.load(path), OptimizeOptions(model_type="bert_keras"))
@@ -157,8 +168,9 @@ def test_mask_that_is_not_a_padding_mask_does_not_fuse(tmp_path):
     assert check_parity(edited, out, "fp32", cases_for(edited)).passed
 
 
-def _tf_layer_norm_graph(shape: list) -> onnx.ModelProto:
-    """TF's batchnorm-form LayerNorm with GlobalAveragePool means, on an input of ``shape``."""
+def _tf_layer_norm_graph(shape: list, mean: str = "pool", axis: int = -1) -> onnx.ModelProto:
+    """TF's batchnorm-form LayerNorm on an input of ``shape``, its means as tf2onnx's GlobalAveragePool
+    or as ReduceMean over ``axis``."""
     hidden = shape[-1]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
@@ -166,26 +178,34 @@ def _tf_layer_norm_graph(shape: list) -> onnx.ModelProto:
     inits = [onnx.numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "eps"),
              onnx.numpy_helper.from_array((1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32), "gamma"),
              onnx.numpy_helper.from_array((0.1 * rng.standard_normal(hidden)).astype(np.float32), "beta")]
-    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["mean"]), helper.make_node("Sub", ["x", "mean"], ["d"]),
-             helper.make_node("Mul", ["d", "d"], ["sq"]), helper.make_node("GlobalAveragePool", ["sq"], ["var"]),
+    def average(src, dst):
+        if mean == "pool":
+            return helper.make_node("GlobalAveragePool", [src], [dst])
+        return helper.make_node("ReduceMean", [src], [dst], axes=[axis], keepdims=1)
+
+    nodes = [average("x", "mean"), helper.make_node("Sub", ["x", "mean"], ["d"]),
+             helper.make_node("Mul", ["d", "d"], ["sq"]), average("sq", "var"),
              helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
              helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", ["inv", "gamma"], ["s"]),
              helper.make_node("Mul", ["mean", "s"], ["ms"]), helper.make_node("Sub", ["beta", "ms"], ["shift"]),
              helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Add", ["xs", "shift"], ["y"])]
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
 
 
 CTX = FusionContext("bert_tf", 0, 8)
 
 
-def test_tf_layer_norm_rank3_fuses_with_parity():
-    proto = _tf_layer_norm_graph(["b", "s", 8])
+@pytest.mark.parametrize("mean", ["pool", "reduce"])
+def test_tf_layer_norm_rank3_fuses_with_parity(mean):
+    proto = _tf_layer_norm_graph(["b", "s", 8], mean)
     model = ir.serde.deserialize_model(proto)
     assert run_fusion(layer_norm_tf.FUSION, model, CTX).fused == 1
     assert counts(model)[("", "LayerNormalization")] == 1 and counts(model)[("", "GlobalAveragePool")] == 0
@@ -201,6 +221,13 @@ def test_global_average_pool_over_two_axes_does_not_fuse():
     assert any("rank-4" in line for line in log.refused), log.refused
 
 
+def test_reduce_mean_over_another_axis_does_not_fuse():
+    model = ir.serde.deserialize_model(_tf_layer_norm_graph(["b", 8, 8], "reduce", axis=1))
+    log = run_fusion(layer_norm_tf.FUSION, model, CTX, explain=True)
+    assert log.fused == 0
+    assert any("not the last axis" in line for line in log.refused), log.refused
+
+
 def _tensordot_graph(target: list[int]) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -214,7 +241,8 @@ def _tensordot_graph(target: list[int]) -> onnx.ModelProto:
              helper.make_node("Reshape", ["m", "back" if not target else "target"], ["y"])]
     inits += [onnx.numpy_helper.from_array(np.array([0, 1], dtype=np.int64), "idx"),
               onnx.numpy_helper.from_array(np.array([6], dtype=np.int64), "n")]
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
 def test_tensordot_unflatten_becomes_matmul():

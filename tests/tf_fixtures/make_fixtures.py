@@ -11,8 +11,8 @@ committed .onnx files and never installs TensorFlow)::
 Each fixture is a tiny TFBertModel (hidden 32, 2 layers, vocab 99) whose every weight, bias and LayerNorm
 scale/shift is perturbed with random noise (a zero bias or a unit scale would let a wrong fusion pass
 parity); the weights are the same on every run (seeded), the node order and constant names tf2onnx
-writes may differ from run to run. Outputs: last_hidden_state and pooler_output. The script also checks each export against
-TensorFlow itself on a left- and right-padded batch, and writes VERSIONS.txt.
+writes may differ from run to run. Outputs: last_hidden_state and pooler_output. The script also checks
+each export against TensorFlow itself on a left- and right-padded batch, and writes VERSIONS.txt.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import Fusion, FusionContext, const_shape
+from mlstep.optimizer.fusions._base import Fusion, const_shape
 from mlstep.optimizer.shapes import infer_content, infer_dims
 
 
