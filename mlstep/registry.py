@@ -313,7 +313,6 @@ class Registry:
         self.uri = uri or tracking_uri()
         self.registry_uri = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI", "").strip() or self.uri
         self.shown = _shown(self.uri)
-        self.embedded = not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.registry_uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.registry_uri)
@@ -336,11 +335,13 @@ class Registry:
             return BadInputError(f"{scrub(what)}: not found in MLflow at {self.shown}")
         if _unreachable(err, text):
             policy = retry_policy()
-            return RegistryError(f"MLflow at {self.shown} did not answer ({scrub(what)}; {policy['retries']} "
-                                 f"retries with backoff {policy['backoff_s']:g}s, {_reason(text)})")
+            retries = f"{policy['retries']} retr{'y' if policy['retries'] == 1 else 'ies'}"
+            return RegistryError(f"MLflow at {self.shown} did not answer ({scrub(what)}; {retries} with backoff "
+                                 f"{policy['backoff_s']}s, {_reason(text)})")
         if code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
             return BadInputError(f"{scrub(what)}: {_short(text)}")
-        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or "401" in text[:200] or "403" in text[:200]:
+        if code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or (
+                re.search(r"\b40[13]\b", text) and re.search(r"unauthori|forbidden|authenticat|permission", text, re.I)):
             return RegistryError(f"{scrub(what)}: MLflow at {self.shown} refused the credentials ({_short(text)})")
         return RegistryError(f"{scrub(what)}: MLflow at {self.shown}: {type(err).__name__}: {_short(text)}")
 
@@ -423,12 +424,13 @@ class Registry:
 
     def publish(self, report: dict, resolved: Resolved, variant_paths: Mapping[str, Path], *,
                 register_as: str | None, aliases: Mapping[str, str], write: Callable[[dict], Sequence[Path]],
-                evidence: Sequence[Path] = (), experiment: str | None = None) -> Publication:
+                evidence: Mapping[Path, str | None] | None = None, experiment: str | None = None) -> Publication:
         """Log the step's run and register its gate-passed variants (``register_as`` None: log only).
 
         ``write(report)`` writes report.json/report.md and returns their paths; it is called once the
         registrations are known (so the logged report names the versions), also after a failure.
-        ``report`` is updated in place: ``variants.*.registered`` and ``mlflow``.
+        ``evidence`` maps further files to log to their artifact folder. ``report`` is updated in place:
+        ``variants.*.registered`` and ``mlflow``.
         Raises ``RegistryError`` after writing the report when the store failed part-way.
         """
         pub = Publication()
@@ -442,11 +444,12 @@ class Registry:
                       metrics=_metrics(report))
             if register_as:
                 for variant, facts in report["variants"].items():
-                    reg = Registration(variant, "skipped", alias=aliases.get(variant) or None)
-                    pub.registrations[variant] = reg
-                    if not facts["gate"]["passed"]:
+                    pub.registrations[variant] = Registration(
+                        variant, "pending" if facts["gate"]["passed"] else "skipped", alias=aliases.get(variant) or None)
+                for variant, facts in report["variants"].items():
+                    reg = pub.registrations[variant]
+                    if reg.status == "skipped":
                         continue
-                    reg.status = "failed"
                     existing = self.find_registered(register_as, resolved.uri, options_hash, variant)
                     if existing is None:
                         version = self._log_and_register(pub.run_id, variant, Path(variant_paths[variant]),
@@ -462,8 +465,8 @@ class Registry:
         except MlstepError as err:
             pub.error, status = str(err), "FAILED"
             for reg in pub.registrations.values():
-                if reg.status == "failed":
-                    reg.error = pub.error
+                if reg.status == "pending":
+                    reg.status, reg.error = "failed", pub.error
         report["mlflow"] = self.record(resolved, register_as, pub)
         files = list(write(report))
         # A store that stopped answering is not asked again (each call would wait out its retries).

@@ -1,6 +1,7 @@
 """Shared fixtures: real exports made at test time from tiny transformers configs, cached per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,10 +35,11 @@ def exported(export_dir):
     return get
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 for the session: a free port, a sqlite backend and proxied
-    artifacts (``--serve-artifacts``) in a temp folder. Yields its URI; stopped (its process group) at the end."""
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, port: int | None = None, kill_signal: int | None = None):
+    """Start a real ``mlflow server`` on 127.0.0.1 (sqlite backend ``root/mlflow.db``, proxied artifacts in
+    ``root/artifacts``), wait for /health and yield ``(uri, stop)``; ``stop()`` (also called at the end)
+    ends its process group with ``kill_signal`` (default SIGTERM)."""
     import signal
     import socket
     import subprocess
@@ -45,17 +47,18 @@ def mlflow_server(tmp_path_factory):
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    root.mkdir(parents=True, exist_ok=True)
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
     script = Path(sys.executable).parent / "mlflow"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "mlflow"]
     command += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                 "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(root / "server.log", "wb")
+    log = open(root / "server.log", "ab")
     proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -70,16 +73,38 @@ def mlflow_server(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
-        yield uri
+
+        def stop():
+            if proc.poll() is None:
+                os.killpg(proc.pid, kill_signal or signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+        yield uri, stop
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 for the session: a free port, a sqlite backend and proxied
+    artifacts (``--serve-artifacts``) in a temp folder. Yields its URI; stopped at the end."""
+    with running_mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, stop):
+        yield uri
+        stop()
+
+
+@pytest.fixture(scope="session")
+def start_mlflow_server():
+    """``start_mlflow_server(root, port=None, kill_signal=None)``: a context manager for a private server
+    (see ``running_mlflow_server``), for tests that stop and restart one."""
+    return running_mlflow_server
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The fusions, in the order the pipeline applies them (one file each).
 
 Order matters only where one fusion's output is another's input: flattened Gemms (and TF's flattened
-tensordot MatMuls) back to 3-D MatMul, decomposed LayerNorm (PyTorch's and TF's forms) first (so the others see one form), GELU forms, attention (encoder, then causal), the
-embedding, then residual Add + LayerNorm.
+tensordot MatMuls) back to 3-D MatMul and decomposed LayerNorms (PyTorch's and TF's forms) first, so that
+the others see one form; then GELU forms, attention (encoder, then causal), the embedding, and last the
+residual Add + LayerNorm.
 """
 from mlstep.optimizer.fusions.attention import FUSION as ATTENTION
 from mlstep.optimizer.fusions.causal_attention import FUSION as CAUSAL_ATTENTION
