@@ -5,9 +5,9 @@
 
 GPT-2's Conv1D (and any Linear on 3-D input that an exporter flattens) arrives as Reshape -> Gemm ->
 Reshape. Rewriting it as MatMul + Add lets SkipLayerNormalization and FastGelu absorb the bias and keeps
-one projection pattern for attention. Checked: Gemm without transposes (or transB with the weight
-transposed here, exactly), alpha = beta = 1, constant 2-D weight and 1-D bias, the outer reshape restores
-exactly x's leading dimensions (symbolic shape inference, see shapes.py).
+one projection pattern for attention. Checked: Gemm without transposes, alpha = beta = 1, a constant 2-D
+weight and 1-D bias, and an outer reshape that restores exactly x's leading dimensions (symbolic shape
+inference, see shapes.py).
 """
 from __future__ import annotations
 
