@@ -34,7 +34,9 @@ MODEL_NAME = "minilm"
 SOURCE_ALIAS = "candidate"
 # Parity and latency at a sentence-sized shape: at 2 x 8 tokens the CPU spends its time in op dispatch, not
 # in the fused kernels, and the latency gate measures noise.
-DEFAULT_SHAPE = ["--batch-size", "4", "--sequence-length", "64"]
+# A laptop CPU shared with other work measures a few percent of noise; the demo allows 25% before the
+# latency gate fails (the CI/GPU job keeps the strict default of 5%).
+DEFAULT_SHAPE = ["--batch-size", "4", "--sequence-length", "64", "--max-slowdown", "0.25"]
 
 
 def minilm_dir() -> Path:

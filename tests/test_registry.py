@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mlstep.export import ExportSpec
-from mlstep.optimizer.options import FUSIONS, OptimizeOptions
+from mlstep.optimizer.options import OptimizeOptions
 
 mlflow = pytest.importorskip("mlflow")
 import mlflow.onnx  # noqa: E402
@@ -110,8 +110,9 @@ def first_step(mlflow_server, client, tiny_bert, tmp_path_factory):
     work = tmp_path_factory.mktemp("first-step")
     summary = work / "summary.md"
     summary.write_text("# earlier step\n")
-    proc = mlstep("optimize", "models:/tiny-bert@candidate", "-o", work / "out", tracking=mlflow_server,
-                  env=CI | {"GITHUB_STEP_SUMMARY": str(summary)})
+    # Real latency gates run here; a generous threshold keeps a loaded CI machine from flaking registration.
+    proc = mlstep("optimize", "models:/tiny-bert@candidate", "-o", work / "out", "--max-slowdown", "1.0",
+                  tracking=mlflow_server, env=CI | {"GITHUB_STEP_SUMMARY": str(summary)})
     return proc, work / "out", summary
 
 
@@ -441,9 +442,3 @@ def test_usage_errors_touch_no_store(tmp_path):
     assert "runs:/RUN_ID/PATH" in one_line_error(proc)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
-
-def test_fusion_option_names_are_params():
-    # Every optimizer option reaches the run as a param (the names the CLI documents).
-    assert set(OptimizeOptions().as_params()) >= {"model_type", "num_heads", "hidden_size", "input_int32",
-                                                   "float16", "use_gpu", "opt_level", "disabled_fusions"}
-    assert FUSIONS
