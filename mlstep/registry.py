@@ -592,13 +592,15 @@ def _unreachable(err: BaseException, text: str) -> bool:
         return True
     return any(s in text for s in ("Max retries exceeded", "Failed to establish a new connection",
                                    "Connection refused", "Read timed out", "ConnectTimeout",
-                                   "too many 5", "RemoteDisconnected"))
+                                   "too many 5", "RemoteDisconnected", "Connection broken",
+                                   "Connection reset", "IncompleteRead"))
 
 
 def _reason(text: str) -> str:
     for needle, reason in (("Connection refused", "connection refused"), ("timed out", "timed out"),
                            ("Name or service not known", "unknown host"), ("too many 5", "server errors"),
-                           ("RemoteDisconnected", "connection closed")):
+                           ("RemoteDisconnected", "connection closed"), ("Connection broken", "connection broken"),
+                           ("Connection reset", "connection reset"), ("IncompleteRead", "connection broken")):
         if needle in text:
             return reason
     return "no answer"
