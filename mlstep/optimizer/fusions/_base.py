@@ -102,6 +102,24 @@ def const_scalar(value: ir.Value | None) -> float | None:
     return float(arr.reshape(-1)[0])
 
 
+def attention_scale(q_scaled: bool, k_scaled: bool, s_scaling: str, q_scale, k_scale, s_scale) -> float | None:
+    """The effective softmax scale of a matched attention: the product of the constant factors applied to
+    Q, to K^T and to the scores (``s_scaling`` is "div", "mul" or "none"); None if one is not a constant."""
+    scale = 1.0
+    for used, value in ((q_scaled, q_scale), (k_scaled, k_scale)):
+        if used:
+            factor = const_scalar(value)
+            if factor is None:
+                return None
+            scale *= factor
+    if s_scaling != "none":
+        factor = const_scalar(s_scale)
+        if factor is None or factor == 0:
+            return None
+        scale = scale / factor if s_scaling == "div" else scale * factor
+    return scale
+
+
 def is_scalar_close(value: ir.Value | None, expected: float, rtol: float = 1e-3) -> bool:
     got = const_scalar(value)
     return got is not None and abs(got - expected) <= rtol * abs(expected) + 1e-12

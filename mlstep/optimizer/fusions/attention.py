@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar,
+from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, attention_scale, const_scalar,
                                              const_shape, last_axis, shape_tail)
 from mlstep.optimizer.probe import padding_mask_source
 
@@ -104,7 +104,7 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
             return result.fail(f"Softmax over axis {axis}, not the key axis")
         if zero is not None and const_scalar(zero) != 0.0:
             return result.fail("the NaN guard after Softmax does not write zeros")
-        if self._scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) is None:
+        if attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) is None:
             return result.fail("the attention scale is not a constant scalar")
         if masked:
             source, reason = self._mask_source(context.model, mask_bias)
@@ -122,7 +122,7 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
             source, _ = self._mask_memo[mask_bias.name]
             inputs.append(op.Cast(source, to=ir.DataType.INT32))
         attrs = {"num_heads": heads}
-        scale = self._scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
+        scale = attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
             attrs["scale"] = float(scale)
         return op.Attention(*inputs, _domain=MS_DOMAIN, **attrs)
@@ -140,22 +140,6 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         if self._ctx.num_heads and hidden % self._ctx.num_heads == 0:
             return self._ctx.num_heads, hidden // self._ctx.num_heads
         return 0, 0
-
-    @staticmethod
-    def _scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) -> float | None:
-        scale = 1.0
-        for used, value in ((q_scaled, q_scale), (k_scaled, k_scale)):
-            if used:
-                factor = const_scalar(value)
-                if factor is None:
-                    return None
-                scale *= factor
-        if s_scaling != "none":
-            factor = const_scalar(s_scale)
-            if factor is None or factor == 0:
-                return None
-            scale = scale / factor if s_scaling == "div" else scale * factor
-        return scale
 
     def _mask_source(self, model, mask_bias):
         if mask_bias.name not in self._mask_memo:

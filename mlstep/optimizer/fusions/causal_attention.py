@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, const_scalar, last_axis,
-                                             shape_tail)
+from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, attention_scale, const_scalar,
+                                             last_axis, shape_tail)
 from mlstep.optimizer.probe import causal_mask_source
 
 _FLOAT_MIN = float(np.finfo(np.float32).min)
@@ -89,7 +89,7 @@ class CausalAttention(pattern.RewriteRuleClassBase):
             return result.fail("Softmax is not over the key axis")
         if zero is not None and const_scalar(zero) != 0.0:
             return result.fail("the NaN guard after Softmax does not write zeros")
-        if _scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) is None:
+        if attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) is None:
             return result.fail("the attention scale is not a constant scalar")
         source, _fill, reason = self._mask(context.model, mask_bias)
         if source is None:
@@ -100,7 +100,7 @@ class CausalAttention(pattern.RewriteRuleClassBase):
                 q_scale=None, k_scale=None, s_scale=None, past_key=None, past_value=None, **_):
         heads, head_size = self._heads(q_shape)
         source, fill, _ = self._mask_memo[mask_bias.name]
-        scale = _scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
+        scale = attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
         attrs = {"num_heads": heads, "unidirectional": 1, "mask_filter_value": max(fill, _FLOAT_MIN)}
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
             attrs["scale"] = float(scale)
@@ -142,22 +142,6 @@ def _has_visible_key(op, mask: ir.Value, query: ir.Value) -> ir.Value:
     current = op.Slice(seen, op.Neg(seq), op.Constant(value_ints=[2**62]), op.Constant(value_ints=[1]))
     visible = op.Cast(op.Greater(current, op.Constant(value_float=0.0)), to=ir.DataType.FLOAT)
     return op.Unsqueeze(visible, op.Constant(value_ints=[-1]))
-
-
-def _scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) -> float | None:
-    scale = 1.0
-    for used, value in ((q_scaled, q_scale), (k_scaled, k_scale)):
-        if used:
-            factor = const_scalar(value)
-            if factor is None:
-                return None
-            scale *= factor
-    if s_scaling != "none":
-        factor = const_scalar(s_scale)
-        if factor is None or factor == 0:
-            return None
-        scale = scale / factor if s_scaling == "div" else scale * factor
-    return scale
 
 
 def rewire_presents(model: ir.Model) -> None:
