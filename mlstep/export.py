@@ -287,8 +287,8 @@ def read_source_config(source: str | Path):
 def readable_dims(model, with_past: bool) -> None:
     """Rename the symbolic dims of graph inputs/outputs by role: batch, sequence, past_sequence,
     total_sequence (dynamo's Dim.AUTO names them s10, s70, 's15 + s70'). Static dims are kept; other symbolic
-    dims get the readable name of the same symbol elsewhere on the graph's inputs/outputs (inner value_info
-    may keep the exporter's names). In place."""
+    dims get the readable name of the same symbol elsewhere on the graph's inputs/outputs, and inner value
+    shapes are renamed with the same map. In place."""
     import onnx_ir as ir
 
     def roles(name: str) -> dict[int, str]:
@@ -321,6 +321,14 @@ def readable_dims(model, with_past: bool) -> None:
             else:
                 dims.append(role.get(axis) or renamed.get(dim.value, dim.value))
         value.shape = ir.Shape(dims)
+    # Inner shapes use the same symbols: rename them too, so that shapes stay comparable across the graph
+    # (an exporter's two names for one size, e.g. the mask's batch and the ids' batch, become one).
+    for node in model.graph:
+        for value in node.outputs:
+            if value.shape is None or value.is_graph_output():
+                continue
+            value.shape = ir.Shape([d if isinstance(d, int) else renamed.get(d.value, d.value)
+                                    for d in value.shape])
 
 
 def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo", opset: int | None = None,
