@@ -102,17 +102,18 @@ def _masks(batch: int, seq: int) -> np.ndarray:
 SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
 
 
-def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, str]:
-    """If ``bias`` equals ``(1 - mask[:, None, None, :]) * (large negative)`` for a 2-D graph input ``mask``
-    (plus, at most, one uniform offset of magnitude <= SOFTMAX_SHIFT_LIMIT on every position), return that
-    input. Otherwise None and the reason."""
+def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, float, str]:
+    """If ``bias`` equals ``(1 - mask[:, None, None, :]) * fill`` (fill a large negative value) for a 2-D graph
+    input ``mask`` (plus, at most, one uniform offset of magnitude <= SOFTMAX_SHIFT_LIMIT on every position),
+    return that input and ``fill`` (the fused op reproduces it, so that even a row with nothing to attend to
+    matches). Otherwise (None, 0, reason)."""
     anc = ancestry(model.graph, bias)
     if len(anc.data_inputs) != 1:
         names = [v.name for v in anc.data_inputs]
-        return None, f"the attention mask depends on {names or 'no input'}, not on exactly one mask input"
+        return None, 0.0, f"the attention mask depends on {names or 'no input'}, not on exactly one mask input"
     source = anc.data_inputs[0]
     if source.shape is None or len(source.shape) != 2 or source.dtype not in _NP:
-        return None, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
+        return None, 0.0, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
     feeds_list, masks = [], []
     for batch, seq in ((3, 6), (4, 9)):
         mask = _masks(batch, seq)
@@ -125,24 +126,27 @@ def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | Non
     try:
         outs = evaluate(model, bias, feeds_list)
     except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
-        return None, f"the attention mask could not be probed ({type(err).__name__})"
+        return None, 0.0, f"the attention mask could not be probed ({type(err).__name__})"
+    fill = 0.0
     for mask, out in zip(masks, outs):
         batch, seq = mask.shape
         if out.ndim != 4:
-            return None, f"the attention mask has rank {out.ndim}, expected 4"
+            return None, 0.0, f"the attention mask has rank {out.ndim}, expected 4"
         try:
             full = np.broadcast_to(out, (batch, out.shape[1], seq, seq)).astype(np.float64)
         except ValueError:
-            return None, f"the attention mask has shape {out.shape}, not a [batch, 1, seq, seq] broadcast"
+            return None, 0.0, f"the attention mask has shape {out.shape}, not a [batch, 1, seq, seq] broadcast"
         keep = np.broadcast_to(mask[:, None, None, :].astype(bool), full.shape)
         # A uniform tiny offset on every score (TF's stable_softmax adds 1e-9, which tf2onnx folds into the
         # mask) is exact: softmax is shift-invariant. Anything else on attended tokens is not a padding mask.
         shift = float(full[keep][0]) if full[keep].size else 0.0
         if abs(shift) > SOFTMAX_SHIFT_LIMIT or np.any(full[keep] != shift):
-            return None, "the attention mask is not zero on attended tokens (not a pure padding mask)"
+            return None, 0.0, "the attention mask is not zero on attended tokens (not a pure padding mask)"
         if np.any(full[~keep] - shift > -1e4):
-            return None, "the attention mask does not block padded tokens (causal or custom mask?)"
-    return source, ""
+            return None, 0.0, "the attention mask does not block padded tokens (causal or custom mask?)"
+        if (~keep).any():
+            fill = min(fill, float(full[~keep].max()))
+    return source, fill, ""
 
 
 def is_arange(model: ir.Model, value: ir.Value) -> bool:

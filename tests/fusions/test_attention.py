@@ -212,3 +212,15 @@ def test_near_miss_does_not_fuse(exported, tmp_path, exporter, opset, attention,
     assert counts[(MS_DOMAIN, "Attention")] == 0
     assert counts[("", "Softmax")] == 2
     assert any(says in reason for reason in log.refused), log.refused
+
+
+@pytest.mark.parametrize("exporter,opset,attention", [("torchscript", 14, "eager"), ("torchscript", 17, "sdpa"),
+                                                      ("dynamo", 18, "sdpa")])
+def test_a_row_with_nothing_to_attend_to_matches_too(exported, tmp_path, exporter, opset, attention):
+    """An all-padding row: the export's own fill value (finfo.min: uniform weights; -inf + sdpa's NaN guard:
+    zeros) is reproduced by the fused op, not ORT's default -10000."""
+    path = exported(ExportSpec("bert", exporter, opset, attention))
+    model = ir.load(path)
+    prepare(model)
+    assert run_fusion(FUSION, model, CTX).fused == 2
+    assert_parity(path, model, tmp_path, masks={"empty row": [[1] * 8, [0] * 8, [0] * 3 + [1] * 5]})

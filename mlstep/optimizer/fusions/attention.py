@@ -24,6 +24,8 @@ from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, at
                                              const_shape, last_axis, shape_tail)
 from mlstep.optimizer.probe import padding_mask_source
 
+_FLOAT_MIN = float(np.finfo(np.float32).min)
+
 
 def _packed(op, parts, axis: int, suffix: str) -> ir.Value:
     """Q|K|V concatenated once; layers that share weights (ALBERT) share the packed initializer too."""
@@ -74,7 +76,8 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         scores = pattern.OrValue([op.Add(scores, mask_bias), op.Add(mask_bias, scores), scores],
                                  tag_var="masked", tag_values=[True, True, False])
         probs = op.Softmax(scores, _outputs=["probs"])
-        probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs])
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), zero, probs), probs], tag_var="nan_guard",
+                                tag_values=[True, False])
         ctx = op.MatMul(probs, _split(op, _linear(op, x, wv, bv), v_shape))
         ctx = pattern.OrValue([op.Reshape(ctx, ctx_shape), ctx])   # TorchScript sdpa: a same-shape reshape
         return op.Reshape(op.Transpose(ctx, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
@@ -107,25 +110,32 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         if attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale) is None:
             return result.fail("the attention scale is not a constant scalar")
         if masked:
-            source, reason = self._mask_source(context.model, mask_bias)
+            source, _fill, reason = self._mask_source(context.model, mask_bias)
             if source is None:
                 return result.fail(reason)
         return result
 
-    def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, q_scaled, k_scaled, s_scaling, masked,
+    def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, q_scaled, k_scaled, s_scaling, masked, nan_guard,
                 q_scale=None, k_scale=None, s_scale=None, mask_bias=None, **_):
         hidden = const_shape(wq)[1]
         heads, head_size = self._heads(q_shape, hidden)
         inputs = [x, _packed(op, (wq, wk, wv), axis=1, suffix="qkv_weight"),
                   _packed(op, (bq, bk, bv), axis=0, suffix="qkv_bias")]
-        if masked:
-            source, _ = self._mask_memo[mask_bias.name]
-            inputs.append(op.Cast(source, to=ir.DataType.INT32))
         attrs = {"num_heads": heads}
         scale = attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
             attrs["scale"] = float(scale)
-        return op.Attention(*inputs, _domain=MS_DOMAIN, **attrs)
+        if not masked:
+            return op.Attention(*inputs, _domain=MS_DOMAIN, **attrs)
+        source, fill, _ = self._mask_memo[mask_bias.name]
+        # The export's own fill value, so that even a row with nothing to attend to matches the original.
+        attrs["mask_filter_value"] = max(fill, _FLOAT_MIN)
+        out = op.Attention(*inputs, op.Cast(source, to=ir.DataType.INT32), _domain=MS_DOMAIN, **attrs)
+        if math.isinf(fill) and nan_guard:   # -inf + sdpa's IsNaN guard: an all-padding row outputs zeros
+            visible = op.ReduceSum(op.Cast(source, to=ir.DataType.FLOAT), op.Constant(value_ints=[1]), keepdims=1)
+            out = op.Mul(out, op.Unsqueeze(op.Min(visible, op.Constant(value_float=1.0)),
+                                            op.Constant(value_ints=[-1])))
+        return out
 
     # -- helpers (pure functions of the match; no state kept between check and rewrite but the memo) --
 
