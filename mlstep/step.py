@@ -70,6 +70,7 @@ class StepSettings:
     max_slowdown: float = 0.05             # latency gate: variant median <= source median x (1 + max_slowdown)
     min_speedup: float | None = None       # latency gate (optional): source median / variant median >= this
     require_gpu: bool = False              # exit 2 unless CUDA loads: a GPU job never measures the CPU by accident
+    gate_fp16_on_cpu: bool = False         # fp16 timed on the CPU is reported, not gated, unless this is set
 
     def checked(self) -> "StepSettings":
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -88,7 +89,8 @@ class StepSettings:
         return {"precision": list(self.precisions), "skip_validation": not self.validate,
                 "skip_benchmark": not self.benchmark, "batch_size": self.batch_size,
                 "sequence_length": self.sequence_length, "warmup": self.warmup, "repeat": self.repeat,
-                "max_slowdown": self.max_slowdown, "min_speedup": self.min_speedup, "require_gpu": self.require_gpu}
+                "max_slowdown": self.max_slowdown, "min_speedup": self.min_speedup, "require_gpu": self.require_gpu,
+                "gate_fp16_on_cpu": self.gate_fp16_on_cpu}
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,18 @@ def test_cli_gate_flags(exported, tmp_path):
         proc = mlstep("optimize", source, "-o", tmp_path / "gpu", "--require-gpu")
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert "require-gpu" in proc.stderr and not (tmp_path / "gpu").exists()
+
+
+def test_fp16_on_the_cpu_is_timed_but_not_gated_unless_asked(tmp_path):
+    """fp16 is the GPU variant: on the CPU a slow fp16 is reported ("not_gated"), not failed, by default."""
+    base = chain_model(tmp_path / "models" / "base.onnx", 1)
+    slow = chain_model(tmp_path / "models" / "fp16.onnx", 40)
+    results = run_gates(base, {"fp16": slow}, GateSettings(max_slowdown=2.0, **FAST), output_dir=tmp_path / "a")
+    gate = results.variants["fp16"]
+    assert gate.passed and not gate.gated and "not gated" in gate.reason and gate.speedup < 1 / 3
+    report = {"variants": {"fp16": {"gate": {"parity": "passed", "latency": "not_gated", "passed": True}}}}
+    assert apply_to_report(report, results)["variants"]["fp16"]["gate"] == {
+        "parity": "passed", "latency": "not_gated", "passed": True}
+    strict = run_gates(base, {"fp16": slow}, GateSettings(max_slowdown=2.0, gate_fp16_on_cpu=True, **FAST),
+                       output_dir=tmp_path / "b")
+    assert not strict.variants["fp16"].passed and strict.variants["fp16"].gated
