@@ -6,7 +6,6 @@ import math
 import numpy as np
 import onnx
 import onnx_ir as ir
-import pytest
 from onnx import TensorProto, helper
 
 from mlstep.export import ExportSpec

@@ -16,6 +16,7 @@ from mlstep.export import ExportSpec
 from mlstep.optimizer.fusions._base import MS_DOMAIN, run_fusion
 from mlstep.optimizer.fusions.attention import FUSION
 from mlstep.optimizer.passes import prepare
+from graph_edits import const_node as _const, softmax_adds as _softmax_adds
 
 # Rows of different lengths in every padded case; the holed rows have gaps inside the sequence.
 MASKS = {
@@ -111,38 +112,6 @@ def test_albert_layers_share_one_packed_qkv(exported, tmp_path, exporter, opset,
 
 # --- negative: near-misses made from real exports --------------------------------------------------
 
-def _has_matmul_ancestor(value: ir.Value) -> bool:
-    stack, seen = [value], set()
-    while stack:
-        v = stack.pop()
-        node = v.producer() if v is not None else None
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type == "MatMul":
-            return True
-        stack.extend(node.inputs)
-    return False
-
-
-def _softmax_adds(model: ir.Model) -> list[tuple[ir.Node, int]]:
-    """(Add feeding a Softmax, index of its mask-bias input): the operand with no MatMul behind it."""
-    found = []
-    for softmax in [n for n in model.graph if n.op_type == "Softmax"]:
-        add = softmax.inputs[0].producer()
-        assert add is not None and add.op_type == "Add"
-        masks = [i for i, v in enumerate(add.inputs) if not _has_matmul_ancestor(v)]
-        assert len(masks) == 1, "expected one mask-bias operand"
-        found.append((add, masks[0]))
-    assert len(found) == 2
-    return found
-
-
-def _const(value: np.ndarray) -> ir.Node:
-    tensor = ir.tensor(value)
-    node = ir.node("Constant", [], attributes={"value": tensor})
-    node.outputs[0].const_value = tensor
-    return node
 
 
 def make_causal(model: ir.Model) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_shape
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, const_array, const_shape
 from mlstep.optimizer.probe import _NP, ancestry, evaluate, is_arange
 
 

@@ -14,9 +14,9 @@ import math
 
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar, \
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_scalar, \
     is_scalar_close
-from mlstep.optimizer.fusions.gelu import bias_reason, bias_vector
+from mlstep.optimizer.fusions.gelu import bias_vector, input_reason
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 COEFF = 0.044715
@@ -58,13 +58,8 @@ class FastGeluFusion(pattern.RewriteRuleClassBase):
                 continue
             if not is_scalar_close(value, want):
                 return result.fail(f"{what} is {const_scalar(value)}, expected {want:.6g}")
-        if self._bias != "none":
-            reason = bias_reason(matmul, bias)
-            if reason:
-                return result.fail(reason)
-        elif const_array(x) is not None:
-            return result.fail("input is a constant")
-        return result
+        reason = input_reason(self._bias != "none", matmul, bias, x)
+        return result.fail(reason) if reason else result
 
     def rewrite(self, op, matmul, bias, x=None, **_):
         if self._bias != "none":

@@ -49,18 +49,21 @@ class ErfGeluFusion(pattern.RewriteRuleClassBase):
             return result.fail(f"erf term adds {const_scalar(c_one)}, expected 1")
         if not is_scalar_close(c_half, 0.5):
             return result.fail(f"scale factor is {const_scalar(c_half)}, expected 0.5")
-        if self._bias:
-            reason = bias_reason(matmul, bias)
-            if reason:
-                return result.fail(reason)
-        elif const_array(x) is not None:
-            return result.fail("input is a constant")
-        return result
+        reason = input_reason(self._bias, matmul, bias, x)
+        return result.fail(reason) if reason else result
 
     def rewrite(self, op, matmul, bias, x=None, **_):
         if self._bias:
             return op.BiasGelu(matmul, bias_vector(op, bias), _domain=MS_DOMAIN)
         return op.Gelu(x, _domain=MS_DOMAIN)
+
+
+def input_reason(biased: bool, matmul: ir.Value | None, bias: ir.Value | None, x: ir.Value | None) -> str | None:
+    """Why the activation's input cannot be taken (None when it can): a biased form needs a MatMul output plus
+    an absorbable 1-D bias; a plain form needs a non-constant input."""
+    if biased:
+        return bias_reason(matmul, bias)
+    return "input is a constant" if const_array(x) is not None else None
 
 
 def bias_reason(matmul: ir.Value, bias: ir.Value) -> str | None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import Fusion, FusionContext, const_shape
+from mlstep.optimizer.fusions._base import Fusion, const_shape
 from mlstep.optimizer.shapes import infer_content, infer_dims
 
 
