@@ -68,8 +68,6 @@ def _cleanup(model: ir.Model) -> None:
         for value in node.outputs:
             if value.type is None and value.shape is not None and not value.is_graph_output():
                 value.shape = None
-    if any(node.domain == MS_DOMAIN for node in model.graph):
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
     for pass_ in (common.RemoveUnusedNodesPass(), common.CommonSubexpressionEliminationPass(),
                   common.RemoveUnusedNodesPass(), common.TopologicalSortPass(), common.RemoveUnusedOpsetsPass()):
         pass_(model)

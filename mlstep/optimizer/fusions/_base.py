@@ -136,6 +136,15 @@ def last_axis(node_or_attr_value: int | Sequence[int] | None, rank: int | None) 
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
+def vector_input(op, value: ir.Value, name: str | None = None) -> ir.Value:
+    """A 1-D constant as a fused op's scale/shift/bias input wants it: the value itself when already 1-D, else
+    a new initializer reshaped from it (e.g. a [1, 1, H] constant)."""
+    arr = const_array(value)
+    if arr is not None and arr.ndim == 1:
+        return value
+    return op.initializer(ir.tensor(vector_of(value), name=name or f"{value.name}_1d"))
+
+
 def vector_of(value: ir.Value | None, length: int | None = None) -> np.ndarray | None:
     """A 1-D constant (optionally of a given length), e.g. a bias or a LayerNorm scale."""
     arr = const_array(value)

@@ -15,8 +15,8 @@ import math
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_scalar, \
-    is_scalar_close
-from mlstep.optimizer.fusions.gelu import bias_vector, input_reason
+    is_scalar_close, vector_input
+from mlstep.optimizer.fusions.gelu import input_reason
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 COEFF = 0.044715
@@ -63,7 +63,7 @@ class FastGeluFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, matmul, bias, x=None, **_):
         if self._bias != "none":
-            return op.FastGelu(matmul, bias_vector(op, bias), _domain=MS_DOMAIN)
+            return op.FastGelu(matmul, vector_input(op, bias), _domain=MS_DOMAIN)
         return op.FastGelu(x, _domain=MS_DOMAIN)
 
 

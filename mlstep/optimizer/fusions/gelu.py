@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar, \
-    is_scalar_close, vector_of
+    is_scalar_close, vector_input, vector_of
 
 SQRT2 = math.sqrt(2.0)
 
@@ -54,7 +54,7 @@ class ErfGeluFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, matmul, bias, x=None, **_):
         if self._bias:
-            return op.BiasGelu(matmul, bias_vector(op, bias), _domain=MS_DOMAIN)
+            return op.BiasGelu(matmul, vector_input(op, bias), _domain=MS_DOMAIN)
         return op.Gelu(x, _domain=MS_DOMAIN)
 
 
@@ -80,13 +80,6 @@ def bias_reason(matmul: ir.Value, bias: ir.Value) -> str | None:
     if vec.shape[0] != width:
         return f"bias length {vec.shape[0]} differs from the MatMul output width {width}"
     return None
-
-
-def bias_vector(op, bias: ir.Value) -> ir.Value:
-    arr = const_array(bias)
-    if arr is not None and arr.ndim == 1:
-        return bias
-    return op.initializer(ir.tensor(vector_of(bias), name=f"{bias.name}_1d"))
 
 
 def _last_dim(matmul: ir.Value) -> int | None:

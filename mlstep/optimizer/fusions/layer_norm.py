@@ -19,7 +19,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import (FusionContext, Fusion, const_array, const_scalar, is_scalar_close,
-                                            last_axis, vector_of)
+                                            last_axis, vector_input, vector_of)
 
 
 def _reduce_axes(node: ir.Node) -> list[int] | None:
@@ -93,12 +93,12 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
         np_dtype = dtype.numpy()
         tag = x.name or "x"
         if self._scale:
-            scale = _as_vector(op, gamma, f"{tag}_ln_scale")
+            scale = vector_input(op, gamma, f"{tag}_ln_scale")
         else:
             scale = op.initializer(ir.tensor(np.ones(hidden, dtype=np_dtype), name=f"{tag}_ln_ones"))
         inputs = [x, scale]
         if self._shift:
-            inputs.append(_as_vector(op, beta, f"{tag}_ln_shift"))
+            inputs.append(vector_input(op, beta, f"{tag}_ln_shift"))
         return op.LayerNormalization(*inputs, axis=-1, epsilon=const_scalar(eps))
 
 
@@ -122,14 +122,6 @@ def _affine_follower(out: ir.Value) -> str | None:
     if user.domain == "" and user.op_type in ("Mul", "Add") and len(other) == 1 and vector_of(other[0]) is not None:
         return user.op_type
     return None
-
-
-def _as_vector(op, value: ir.Value, name: str) -> ir.Value:
-    """A 1-D constant as LayerNormalization wants it (a [1, 1, H] initializer is reshaped into a new one)."""
-    arr = const_array(value)
-    if arr is not None and arr.ndim == 1:
-        return value
-    return op.initializer(ir.tensor(vector_of(value), name=name))
 
 
 def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:

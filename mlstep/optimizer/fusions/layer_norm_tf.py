@@ -17,8 +17,8 @@ from __future__ import annotations
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import Fusion, FusionContext, const_scalar, is_scalar_close, last_axis, \
-    vector_of
-from mlstep.optimizer.fusions.layer_norm import _as_vector, _reduce_axes
+    vector_input, vector_of
+from mlstep.optimizer.fusions.layer_norm import _reduce_axes
 from mlstep.optimizer.shapes import infer_dims
 
 
@@ -78,8 +78,8 @@ class TfLayerNormFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, eps, gamma, beta, **_):
         tag = x.name or "x"
-        return op.LayerNormalization(x, _as_vector(op, gamma, f"{tag}_ln_scale"),
-                                     _as_vector(op, beta, f"{tag}_ln_shift"), axis=-1, epsilon=const_scalar(eps))
+        return op.LayerNormalization(x, vector_input(op, gamma, f"{tag}_ln_scale"),
+                                     vector_input(op, beta, f"{tag}_ln_shift"), axis=-1, epsilon=const_scalar(eps))
 
 
 def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:

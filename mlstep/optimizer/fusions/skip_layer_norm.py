@@ -13,7 +13,8 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, vector_of
+from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, vector_input, \
+    vector_of
 from mlstep.optimizer.shapes import infer_dims
 
 
@@ -74,9 +75,9 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
         ln = normed.producer()
         gamma = ln.inputs[1]
         beta = ln.inputs[2] if len(ln.inputs) > 2 else None
-        inputs = [matmul if self._bias else a, b, _vector(op, gamma), None if beta is None else _vector(op, beta)]
+        inputs = [matmul if self._bias else a, b, vector_input(op, gamma), None if beta is None else vector_input(op, beta)]
         if self._bias:
-            inputs.append(_vector(op, bias))
+            inputs.append(vector_input(op, bias))
         while inputs[-1] is None:
             inputs.pop()
         epsilon = ln.attributes.get_float("epsilon", 1e-5)
@@ -86,13 +87,6 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
 
 def _is_last(axis: int, value: ir.Value) -> bool:
     return value.shape is not None and axis == len(value.shape) - 1
-
-
-def _vector(op, value: ir.Value) -> ir.Value:
-    arr = const_array(value)
-    if arr is not None and arr.ndim == 1:
-        return value
-    return op.initializer(ir.tensor(vector_of(value), name=f"{value.name}_1d"))
 
 
 def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
