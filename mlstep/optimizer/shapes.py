@@ -32,16 +32,13 @@ _BROADCAST = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Greate
 
 def rebase_shapes(model: ir.Model) -> int:
     graph = model.graph
-    dims: dict[int, Dims] = {}        # id(value) -> dims
+    dims: dict[int, Dims] = _input_dims(graph)   # id(value) -> dims
     vals: dict[int, list[Dim]] = {}   # id(value) -> symbolic content of a small 1-D int tensor
     where: dict[str, tuple[ir.Value, int]] = {}     # symbolic name -> (graph input, axis) that carries it
     for inp in graph.inputs:
-        if inp.shape is not None:
-            names = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}") for j, d in enumerate(inp.shape)]
-            dims[id(inp)] = names
-            for j, name in enumerate(names):
-                if isinstance(name, str):
-                    where.setdefault(name, (inp, j))
+        for j, name in enumerate(dims.get(id(inp), [])):
+            if isinstance(name, str):
+                where.setdefault(name, (inp, j))
     rewritten = 0
     for node in list(graph):
         _infer(node, dims, vals)
@@ -58,6 +55,12 @@ def rebase_shapes(model: ir.Model) -> int:
             ir.convenience.replace_all_uses_with(node.outputs[0], replacement)
             rewritten += 1
     return rewritten
+
+
+def _input_dims(graph: ir.Graph) -> dict[int, Dims]:
+    """The graph inputs' dims: ints, or symbolic names (an unnamed dim gets a name of its own)."""
+    return {id(inp): [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}") for j, d in enumerate(inp.shape)]
+            for inp in graph.inputs if inp.shape is not None}
 
 
 def _materialise(graph: ir.Graph, before: ir.Node, content: list[Dim], where):
@@ -321,12 +324,8 @@ def infer_dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Di
     if not missing:
         return out
     graph = graph if isinstance(graph, ir.Graph) else graph.graph
-    dims: dict[int, Dims] = {}
+    dims: dict[int, Dims] = _input_dims(graph)
     vals: dict[int, list[Dim]] = {}
-    for inp in graph.inputs:
-        if inp.shape is not None:
-            dims[id(inp)] = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}")
-                             for j, d in enumerate(inp.shape)]
     wanted = {id(values[i]) for i in missing}
     for node in graph:
         _infer(node, dims, vals)
@@ -353,12 +352,8 @@ def infer_content(graph: ir.Graph | ir.Function, value: ir.Value) -> list[Dim] |
     const = _const_ints(value)
     if const is not None:
         return const
-    dims: dict[int, Dims] = {}
+    dims: dict[int, Dims] = _input_dims(graph)
     vals: dict[int, list[Dim]] = {}
-    for inp in graph.inputs:
-        if inp.shape is not None:
-            dims[id(inp)] = [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}")
-                             for j, d in enumerate(inp.shape)]
     for node in graph:
         _infer(node, dims, vals)
         if value in node.outputs:
