@@ -5,7 +5,9 @@ import contextlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -132,3 +134,20 @@ def exported_gpt2(export_dir):
         return cache[key]
 
     return get
+
+
+def cancellation_model(path: Path) -> Path:
+    """y = (x + 1000) @ W - 1000 * colsum(W): exact in fp32, ~0.25 off in fp16 (x + 1000 keeps 0.5 steps), so
+    the fp16 variant fails its parity gate."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1000.0], np.float32), "c"),
+             numpy_helper.from_array((1000.0 * weight.sum(0)).astype(np.float32), "d")]
+    nodes = [helper.make_node("Add", ["x", "c"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["m"]),
+             helper.make_node("Sub", ["m", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+    return path

@@ -11,6 +11,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from mlstep.export import ExportSpec
+from conftest import cancellation_model
 
 _SCRIPT = Path(sys.executable).parent / "mlstep"
 MLSTEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from mlstep.cli.main import app; app()"]
@@ -245,22 +246,6 @@ def test_nothing_to_fuse_still_gets_variants(tmp_path):
     assert set(report["variants"]) == {"fp32", "fp16"}
     assert all(v["fusions"] == {} for v in report["variants"].values())
     assert "No fusions applied" in (output / "report.md").read_text()
-
-
-def cancellation_model(path: Path) -> Path:
-    """y = (x + 1000) @ W - 1000 * colsum(W): exact in fp32, ~0.25 off in fp16 (x + 1000 keeps 0.5 steps)."""
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((4, 4)).astype(np.float32)
-    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1000.0], np.float32), "c"),
-             numpy_helper.from_array((1000.0 * weight.sum(0)).astype(np.float32), "d")]
-    nodes = [helper.make_node("Add", ["x", "c"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["m"]),
-             helper.make_node("Sub", ["m", "d"], ["y"])]
-    graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.write_bytes(model.SerializeToString())
-    return path
 
 
 def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):

@@ -14,10 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from mlstep.export import ExportSpec
 from mlstep.optimizer.options import OptimizeOptions
@@ -25,6 +23,7 @@ from mlstep.optimizer.options import OptimizeOptions
 mlflow = pytest.importorskip("mlflow")
 import mlflow.onnx  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
+from conftest import cancellation_model
 
 _SCRIPT = Path(sys.executable).parent / "mlstep"
 MLSTEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from mlstep.cli.main import app; app()"]
@@ -75,22 +74,6 @@ def versions(client: MlflowClient, name: str) -> dict[str, object]:
 
 def all_version_count(client: MlflowClient) -> int:
     return sum(len(versions(client, m.name)) for m in client.search_registered_models())
-
-
-def cancellation_model(path: Path) -> Path:
-    """Exact in fp32, ~0.25 off in fp16: the fp16 variant fails its parity gate."""
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((4, 4)).astype(np.float32)
-    inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1000.0], np.float32), "c"),
-             numpy_helper.from_array((1000.0 * weight.sum(0)).astype(np.float32), "d")]
-    nodes = [helper.make_node("Add", ["x", "c"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["m"]),
-             helper.make_node("Sub", ["m", "d"], ["y"])]
-    graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.write_bytes(model.SerializeToString())
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -102,18 +102,43 @@ def _masks(batch: int, seq: int) -> np.ndarray:
 SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
 
 
+def _mask_input(model: ir.Model, bias: ir.Value) -> tuple[Ancestry, ir.Value | None, str]:
+    """The one 2-D graph input an additive mask is computed from (its ancestry too), or None and the reason."""
+    anc = ancestry(model.graph, bias)
+    if len(anc.data_inputs) != 1:
+        names = [v.name for v in anc.data_inputs]
+        return anc, None, f"the attention mask depends on {names or 'no input'}, not on exactly one mask input"
+    source = anc.data_inputs[0]
+    if source.shape is None or len(source.shape) != 2 or source.dtype not in _NP:
+        return anc, None, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
+    return anc, source, ""
+
+
+def _run_mask(model: ir.Model, bias: ir.Value, feeds_list) -> tuple[list[np.ndarray] | None, str]:
+    try:
+        return evaluate(model, bias, feeds_list), ""
+    except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
+        return None, f"the attention mask could not be probed ({type(err).__name__})"
+
+
+def _expand_bias(out: np.ndarray, batch: int, seq: int, total: int) -> tuple[np.ndarray | None, str]:
+    """The probed bias broadcast to [batch, heads or 1, seq, total] (float64), or None and the reason."""
+    if out.ndim != 4:
+        return None, f"the attention mask has rank {out.ndim}, expected 4"
+    try:
+        return np.broadcast_to(out, (batch, out.shape[1], seq, total)).astype(np.float64), ""
+    except ValueError:
+        return None, f"the attention mask has shape {out.shape}, not a [batch, 1, {seq}, {total}] broadcast"
+
+
 def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, float, str]:
     """If ``bias`` equals ``(1 - mask[:, None, None, :]) * fill`` (fill a large negative value) for a 2-D graph
     input ``mask`` (plus, at most, one uniform offset of magnitude <= SOFTMAX_SHIFT_LIMIT on every position),
     return that input and ``fill`` (the fused op reproduces it, so that even a row with nothing to attend to
     matches). Otherwise (None, 0, reason)."""
-    anc = ancestry(model.graph, bias)
-    if len(anc.data_inputs) != 1:
-        names = [v.name for v in anc.data_inputs]
-        return None, 0.0, f"the attention mask depends on {names or 'no input'}, not on exactly one mask input"
-    source = anc.data_inputs[0]
-    if source.shape is None or len(source.shape) != 2 or source.dtype not in _NP:
-        return None, 0.0, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
+    anc, source, reason = _mask_input(model, bias)
+    if source is None:
+        return None, 0.0, reason
     feeds_list, masks = [], []
     for batch, seq in ((3, 6), (4, 9)):
         mask = _masks(batch, seq)
@@ -123,19 +148,15 @@ def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | Non
             feeds[v.name] = mask.astype(dtype) if v is source else np.zeros((batch, seq), dtype=dtype)
         feeds_list.append(feeds)
         masks.append(mask)
-    try:
-        outs = evaluate(model, bias, feeds_list)
-    except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
-        return None, 0.0, f"the attention mask could not be probed ({type(err).__name__})"
+    outs, reason = _run_mask(model, bias, feeds_list)
+    if outs is None:
+        return None, 0.0, reason
     fill = 0.0
     for mask, out in zip(masks, outs):
         batch, seq = mask.shape
-        if out.ndim != 4:
-            return None, 0.0, f"the attention mask has rank {out.ndim}, expected 4"
-        try:
-            full = np.broadcast_to(out, (batch, out.shape[1], seq, seq)).astype(np.float64)
-        except ValueError:
-            return None, 0.0, f"the attention mask has shape {out.shape}, not a [batch, 1, seq, seq] broadcast"
+        full, reason = _expand_bias(out, batch, seq, seq)
+        if full is None:
+            return None, 0.0, reason
         keep = np.broadcast_to(mask[:, None, None, :].astype(bool), full.shape)
         # A uniform tiny offset on every score (TF's stable_softmax adds 1e-9, which tf2onnx folds into the
         # mask) is exact: softmax is shift-invariant. Anything else on attended tokens is not a padding mask.
@@ -184,12 +205,9 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
     tokens -- 0 where ``mask[b, j] == 1 and j <= past + i``, a large negative value elsewhere -- return that
     input and the negative fill value (the fused op reproduces it, so that even rows with nothing to attend
     to match the original). Otherwise (None, 0, reason)."""
-    anc = ancestry(model.graph, bias)
-    if len(anc.data_inputs) != 1:
-        return None, 0.0, f"the attention mask depends on {[v.name for v in anc.data_inputs]}, not one mask input"
-    source = anc.data_inputs[0]
-    if source.shape is None or len(source.shape) != 2 or source.dtype not in _NP:
-        return None, 0.0, f"the attention mask comes from {source.name!r}, which is not a 2-D mask input"
+    anc, source, reason = _mask_input(model, bias)
+    if source is None:
+        return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
     shapes = [(3, 4, 3), (2, 1, 5)] if has_past else [(3, 5, 0), (2, 7, 0)]
@@ -200,19 +218,15 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
         feeds[source.name] = mask.astype(_NP[source.dtype])
         feeds_list.append(feeds)
         masks.append((mask, seq, past))
-    try:
-        outs = evaluate(model, bias, feeds_list)
-    except Exception as err:  # noqa: BLE001
-        return None, 0.0, f"the attention mask could not be probed ({type(err).__name__})"
+    outs, reason = _run_mask(model, bias, feeds_list)
+    if outs is None:
+        return None, 0.0, reason
     fill = 0.0
     for (mask, seq, past), out in zip(masks, outs):
         batch, total = mask.shape
-        if out.ndim != 4:
-            return None, 0.0, f"the attention mask has rank {out.ndim}, expected 4"
-        try:
-            full = np.broadcast_to(out, (batch, out.shape[1], seq, total)).astype(np.float64)
-        except ValueError:
-            return None, 0.0, f"the attention mask has shape {out.shape}, not [batch, 1, seq, past + seq]"
+        full, reason = _expand_bias(out, batch, seq, total)
+        if full is None:
+            return None, 0.0, reason
         causal = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]
         allow = np.broadcast_to(mask[:, None, None, :].astype(bool) & causal[None, None], full.shape)
         if np.any(np.abs(full[allow]) > 0.0):
