@@ -193,16 +193,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[{time.perf_counter() - start:6.0f}s] {spec.key}: mlstep {m_fused} {m_par}",
                           file=sys.stderr, flush=True)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     n_ok = sum(1 for r in rows if r[5] == "yes" and r[4].endswith("pass"))
-    lines += ["", f"mlstep fully fused with parity: {n_ok}/{len(rows)} cells "
+    footer = [f"mlstep fully fused with parity: {n_ok}/{len(rows)} cells "
               f"(tiny configs: {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads; {time.perf_counter() - start:.0f} s)",
               "Legend: Att=Attention MHA=MultiHeadAttention ELN=EmbedLayerNormalization "
               "SLN=SkipLayerNormalization LN=LayerNormalization BG=BiasGelu G=Gelu FG=FastGelu; "
               "parity = max |diff| over no/right/left-padded batches, fp32 atol 1e-4 + rtol 1e-3"]
+    return _publish(args, header, rows, footer, notes, "cells", raw)
+
+
+def _publish(args, header, rows, footer, notes, what, raw) -> int:
+    """Print the markdown table with its footer (and mlstep's refusals); write --out / --json when asked."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", *footer]
     if notes:
-        lines += ["", "mlstep refusals (verbose) for cells not fully fused:"] + notes
+        lines += ["", f"mlstep refusals (verbose) for {what} not fully fused:"] + notes
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -252,24 +258,14 @@ def tf_rows(args) -> int:
             print(f"[{time.perf_counter() - start:6.0f}s] {src.stem}: mlstep {m_fused} {m_par}", file=sys.stderr,
                   flush=True)
     versions = (TF_FIXTURES / "VERSIONS.txt").read_text().split()
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     n_ok = sum(1 for r in rows if r[5] == "yes" and r[4].endswith("pass"))
-    lines += ["", f"mlstep fully fused with parity: {n_ok}/{len(rows)} TF/Keras fixtures ({LAYERS} layers, hidden "
+    footer = [f"mlstep fully fused with parity: {n_ok}/{len(rows)} TF/Keras fixtures ({LAYERS} layers, hidden "
               f"{HIDDEN}; fixture = opset, heads, token types, id dtype; made with "
               f"{', '.join(v for v in versions if '==' in v and not v.startswith('python'))}; "
               f"{time.perf_counter() - start:.0f} s)",
               "ORT runs with model_type bert_tf / bert_keras and the fixture's head count; parity = max |diff| over "
               "no/right/left-padded batches, fp32 atol 1e-4 + rtol 1e-3"]
-    if notes:
-        lines += ["", "mlstep refusals (verbose) for fixtures not fully fused:"] + notes
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1))
-    return 0
+    return _publish(args, header, rows, footer, notes, "fixtures", raw)
 
 
 # --------------------------------------------------------------------------------------------- GPT-2
@@ -344,24 +340,14 @@ def gpt2_rows(args) -> int:
                         notes.append(f"- {key}: " + "; ".join(res["mlstep"]["refused"][:6]))
                     print(f"[{time.perf_counter() - start:6.0f}s] {key}: mlstep {m_fused} {m_par}", file=sys.stderr,
                           flush=True)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     n_ok = sum(1 for r in rows if r[5] == "yes" and r[4].endswith("pass"))
-    lines += ["", f"mlstep fully fused with parity: {n_ok}/{len(rows)} GPT-2 cells (tiny: n_embd {HIDDEN}, {HEADS} "
+    footer = [f"mlstep fully fused with parity: {n_ok}/{len(rows)} GPT-2 cells (tiny: n_embd {HIDDEN}, {HEADS} "
               f"heads, 2 layers, distilgpt2 6 layers; {time.perf_counter() - start:.0f} s)",
               "ORT runs with model_type gpt2; parity = max |diff| over every output (logits/last_hidden_state and "
               f"every present) on batch 2, sequence 8, no/right/left padding; with past: past length {GPT2_PAST}, "
               "the mask spanning past + current tokens. Legend: MHA=MultiHeadAttention FG=FastGelu "
               "SLN=SkipLayerNormalization LN=LayerNormalization"]
-    if notes:
-        lines += ["", "mlstep refusals (verbose) for cells not fully fused:"] + notes
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(raw, indent=1))
-    return 0
+    return _publish(args, header, rows, footer, notes, "cells", raw)
 
 
 if __name__ == "__main__":
