@@ -10,6 +10,7 @@ import onnx_ir.passes.common as common
 
 from mlstep.errors import UsageError
 from mlstep.optimizer import io
+from mlstep.optimizer.coverage import BlockCoverage
 from mlstep.optimizer.detect import Detected, detect
 from mlstep.optimizer.fusions import FUSION_ORDER
 from mlstep.optimizer.fusions._base import MS_DOMAIN, FusionContext, FusionLog, run_fusion
@@ -24,6 +25,7 @@ class OptimizeResult:
     fusions: dict[str, int]                 # fused op type -> count in the result
     log: list[FusionLog] = field(default_factory=list)
     seconds: float = 0.0
+    coverage: dict[str, BlockCoverage] = field(default_factory=dict)   # kind -> blocks seen / fused
 
     @property
     def model_type(self) -> str:
