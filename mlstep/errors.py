@@ -28,3 +28,20 @@ class GateFailedError(MlstepError):
 
 class RegistryError(MlstepError):
     """The MLflow server/store refused or did not answer (exit 2)."""
+
+
+class VariantLoadError(MlstepError):
+    """A variant mlstep wrote does not load in ONNX Runtime: mlstep's bug (exit 3), the model kept aside."""
+
+    exit_code = 3
+
+
+class Interrupted(MlstepError):
+    """SIGINT / SIGTERM / SIGHUP: staging and temporary folders removed; exit 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted ({signal.Signals(signum).name})")

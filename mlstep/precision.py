@@ -6,7 +6,10 @@ model is never modified, so the fp32 variant can be saved from the same object.
 
 Cases handled:
 - float32 initializers -> float16 tensors (finite values clipped to +-65504, non-zero values kept non-zero
-  by clipping magnitudes below 2**-24 up to it so epsilons survive; +-inf clipped to +-65504; NaN kept).
+  by clipping magnitudes below 2**-24 up to it so epsilons survive; +-inf and NaN kept: they carry meaning.
+  A fully masked attention row filled with -inf gives NaN after Softmax, which exports guard with
+  ``IsNaN -> 0``; clipping -inf to -65504 would turn that row into a uniform average instead. A *finite*
+  float32 fill such as ``finfo(float32).min`` becomes -65504, still the most negative finite value).
   An initializer read only by blocked ops stays float32.
 - ``Constant`` nodes (``value`` tensor, ``value_float``, ``value_floats``), ``ConstantOfShape`` (``value``,
   absent value = float 0), ``Cast``/``EyeLike``/``Random*``/``Bernoulli`` with ``to``/``dtype`` = FLOAT become
@@ -79,12 +82,13 @@ def to_fp16(model: ir.Model, keep_io_types: bool = True,
 
 
 def fp16_array(array: np.ndarray) -> np.ndarray:
-    """float32 -> float16 with clipping to the float16 range; non-zero values stay non-zero."""
+    """float32 -> float16: finite values clipped to the float16 range, non-zero values stay non-zero,
+    +-inf and NaN kept as they are."""
     a = np.asarray(array, dtype=np.float32)
     mag = np.abs(a)
     small = (mag > 0) & (mag < FP16_TINY)
     a = np.where(small, np.copysign(FP16_TINY, a), a)
-    a = np.where(np.isnan(a), a, np.clip(a, -FP16_MAX, FP16_MAX))
+    a = np.where(np.isfinite(a), np.clip(a, -FP16_MAX, FP16_MAX), a)
     return a.astype(np.float16)
 
 

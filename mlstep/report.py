@@ -1,21 +1,28 @@
 """The run's evidence: ``report.json`` (machine) and ``report.md`` (human; also a GitHub job summary).
 
-report.json has exactly the contract's shape (DESIGN.md, "Contracts") plus ``optimizer_seconds`` and
-``mlflow`` (null unless the step talked to MLflow)::
+It is rendered by ONE function, :func:`render`, from the run's facts (:class:`RunFacts`: what was
+measured) and the gates' verdicts (:mod:`mlstep.gates`: what was decided), once; nothing edits the dict or
+the files afterwards. report.json has the contract's shape (DESIGN.md, "Contracts") plus
+``optimizer_seconds``, ``coverage``, ``notes`` and ``mlflow`` (null unless the step talked to MLflow)::
 
     {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
+     "coverage": {"state", "reason", "blocks": {kind: {"detected", "fused", "misses"}}},
+     "notes": [...],
      "variants": {"fp32": {"path", "fusions": {op: count},
-                           "parity": {"max_abs_diff", "passed", "worst_output"},
-                           "latency_ms": {"median", "p90", "p95", "baseline_median", "speedup"},
-                           "gate": {"parity", "latency", "passed"},
+                           "parity": {"max_abs_diff", "passed", "worst_output", "worst_case", "cases"},
+                           "latency_ms": {"median", "p90", "p95", "baseline_median", "speedup",
+                                          "speedup_interval"},
+                           "gate": {"parity", "latency", "coverage", "passed", "reasons"},
                            "registered": "models:/NAME/VERSION" | null},
                   "fp16": {...}}}
 
 - ``path`` is relative to the report's folder (the output folder is assembled elsewhere and moved into
   place, so an absolute path would be stale).
 - A skipped stage keeps its keys with ``null`` values (``--skip-validation``: parity values are null).
-- ``gate.parity`` / ``gate.latency`` are ``"passed" | "failed" | "skipped" | "not_gated"``; latency is not
-  gated yet (the pytest-benchmark gates come in a later issue). ``gate.passed`` is true when no gate failed.
+- ``gate.parity`` / ``gate.latency`` / ``gate.coverage`` are ``"passed" | "failed" | "skipped" |
+  "not_gated"`` (``mlstep.gates``); ``gate.reasons`` says why for each; ``gate.passed`` is true when no gate
+  failed. ``speedup`` is the latency gate's estimate (geometric mean of paired per-block ratios) and
+  ``speedup_interval`` its 95% interval.
 - Non-finite numbers (a NaN difference) are written as null: the file stays strict JSON.
 - ``mlflow``: ``{"tracking_uri" (credentials removed), "source": {"requested", "uri", "kind", "name",
   "version", "alias", "run_id", "model_id"} (the resolution, e.g. ``models:/m@candidate`` ->
@@ -44,16 +51,32 @@ SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_T
               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "GITHUB_TOKEN", "GH_TOKEN")
 
 
-@dataclass
+@dataclass(frozen=True)
 class VariantFacts:
     """What one variant produced; ``parity``/``latency`` are None when their stage was skipped."""
 
     path: str                                  # relative to the report folder, e.g. "fp32/model.onnx"
     fusions: dict[str, int] = field(default_factory=dict)
     parity: Any = None                         # mlstep.validate.parity.ParityResult
-    latency: Any = None                        # mlstep.bench.LatencyStats of the variant
+    latency: Any = None                        # mlstep.bench.gates.VariantGate
     baseline: Any = None                       # mlstep.bench.LatencyStats of the unoptimized source
     registered: str | None = None
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """Everything the run measured or resolved (no decisions: those are the verdicts)."""
+
+    source: str
+    model_type: str
+    num_heads: int
+    hidden_size: int
+    options: Mapping[str, Any]
+    optimizer_seconds: float
+    variants: Mapping[str, VariantFacts]
+    coverage: Mapping[str, Any] = field(default_factory=dict)    # kind -> optimizer.coverage.BlockCoverage
+    notes: Sequence[str] = ()
+    mlflow: Mapping[str, Any] | None = None
 
 
 def scrub(text: str) -> str:
@@ -67,42 +90,64 @@ def scrub(text: str) -> str:
     return text
 
 
-def build_report(source: str, model_type: str, num_heads: int, hidden_size: int, options: Mapping[str, Any],
-                 variants: Mapping[str, VariantFacts], optimizer_seconds: float,
-                 mlflow: Mapping[str, Any] | None = None) -> dict:
+def build(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any) -> dict:
+    """The report dict from facts + verdicts (``verdicts``: variant -> ``mlstep.gates.VariantVerdicts``)."""
     report = {
-        "source": str(source),
-        "model_type": model_type,
-        "num_heads": int(num_heads),
-        "hidden_size": int(hidden_size),
-        "options": dict(options),
-        "optimizer_seconds": round(float(optimizer_seconds), 4),
-        "mlflow": dict(mlflow) if mlflow is not None else None,
-        "variants": {name: _variant(facts) for name, facts in variants.items()},
+        "source": str(facts.source),
+        "model_type": facts.model_type,
+        "num_heads": int(facts.num_heads),
+        "hidden_size": int(facts.hidden_size),
+        "options": dict(facts.options),
+        "optimizer_seconds": round(float(facts.optimizer_seconds), 4),
+        "mlflow": dict(facts.mlflow) if facts.mlflow is not None else None,
+        "coverage": {"state": coverage_verdict.state, "reason": coverage_verdict.reason,
+                     "blocks": {kind: {"detected": c.detected, "fused": c.fused, "misses": list(c.misses)}
+                                for kind, c in facts.coverage.items()}},
+        "notes": list(facts.notes),
+        "variants": {name: _variant(v, verdicts[name]) for name, v in facts.variants.items()},
     }
     return _clean(report)
 
 
-def _variant(facts: VariantFacts) -> dict:
-    parity = {"max_abs_diff": None, "passed": None, "worst_output": None}
+def render(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any, directory: str | os.PathLike,
+           fusion_log: Sequence | None = None) -> dict:
+    """Write ``report.json`` and ``report.md`` into ``directory`` and return the dict (the one renderer).
+
+    ``fusion_log`` (FusionLog list) adds the per-fusion log to the markdown (the CLI passes it with
+    ``--verbose``)."""
+    report = build(facts, verdicts, coverage_verdict)
+    directory = Path(directory)
+    try:
+        (directory / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
+                                               encoding="utf-8")
+        (directory / "report.md").write_text(render_markdown(report, fusion_log), encoding="utf-8")
+    except OSError as err:
+        raise OutputError(f"cannot write the report in {directory}: {err.strerror or err}") from err
+    return report
+
+
+def _variant(facts: VariantFacts, verdict) -> dict:
+    parity = {"max_abs_diff": None, "passed": None, "worst_output": None, "worst_case": None, "cases": []}
     if facts.parity is not None:
         parity = {"max_abs_diff": float(facts.parity.max_abs_diff), "passed": bool(facts.parity.passed),
-                  "worst_output": facts.parity.worst_output}
-    latency = {"median": None, "p90": None, "p95": None, "baseline_median": None, "speedup": None}
-    if facts.latency is not None:
-        latency.update(median=facts.latency.median_ms, p90=facts.latency.p90_ms, p95=facts.latency.p95_ms)
+                  "worst_output": facts.parity.worst_output, "worst_case": facts.parity.worst_case,
+                  "cases": list(facts.parity.cases)}
+    latency = {"median": None, "p90": None, "p95": None, "baseline_median": None, "speedup": None,
+               "speedup_interval": None}
+    gate = facts.latency
+    if gate is not None:
+        latency.update(median=gate.median_ms, p90=gate.p90_ms, p95=gate.p95_ms, speedup=gate.speedup)
+        if math.isfinite(gate.ratio_low) and math.isfinite(gate.ratio_high) and gate.ratio_low > 0:
+            latency["speedup_interval"] = [round(1 / gate.ratio_high, 4), round(1 / gate.ratio_low, 4)]
         if facts.baseline is not None:
             latency["baseline_median"] = facts.baseline.median_ms
-            if facts.latency.median_ms > 0:
-                latency["speedup"] = facts.baseline.median_ms / facts.latency.median_ms
     latency = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in latency.items()}
-    gate = {
-        "parity": "skipped" if parity["passed"] is None else ("passed" if parity["passed"] else "failed"),
-        "latency": "skipped" if facts.latency is None else "not_gated",
-    }
-    gate["passed"] = "failed" not in gate.values()
+    gates = (verdict.parity, verdict.latency, verdict.coverage)
     return {"path": facts.path, "fusions": dict(sorted(facts.fusions.items())), "parity": parity,
-            "latency_ms": latency, "gate": gate, "registered": facts.registered}
+            "latency_ms": latency,
+            "gate": {**{g.gate: g.state for g in gates}, "passed": verdict.passed,
+                     "reasons": {g.gate: g.reason for g in gates}},
+            "registered": facts.registered}
 
 
 def gates_passed(report: Mapping) -> bool:
@@ -110,29 +155,13 @@ def gates_passed(report: Mapping) -> bool:
 
 
 def failed_gates(report: Mapping) -> list[str]:
-    """One phrase per failed gate, e.g. ``fp16 parity (max |diff| 3.1e-02 on 'logits')``."""
+    """One phrase per failed gate as the report records it (the coverage gate named once)."""
     out = []
+    if (report.get("coverage") or {}).get("state") == "failed":
+        out.append(f"coverage ({report['coverage']['reason']})")
     for name, v in report["variants"].items():
-        if v["gate"]["parity"] == "failed":
-            diff = v["parity"]["max_abs_diff"]
-            diff_text = "nan" if diff is None else f"{diff:.2e}"
-            out.append(f"{name} parity (max |diff| {diff_text} on {v['parity']['worst_output']!r})")
-        if v["gate"]["latency"] == "failed":
-            out.append(f"{name} latency (speedup {v['latency_ms']['speedup']})")
+        out += [f"{name} {g} ({v['gate']['reasons'][g]})" for g in ("parity", "latency") if v["gate"][g] == "failed"]
     return out
-
-
-def write_report(report: Mapping, directory: str | os.PathLike, fusion_log: Sequence | None = None) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``directory``; ``fusion_log`` (FusionLog list) adds the
-    per-fusion log to the markdown (the CLI passes it with ``--verbose``)."""
-    directory = Path(directory)
-    json_path, md_path = directory / "report.json", directory / "report.md"
-    try:
-        json_path.write_text(json.dumps(_clean(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        md_path.write_text(render_markdown(report, fusion_log), encoding="utf-8")
-    except OSError as err:
-        raise OutputError(f"cannot write the report in {directory}: {err.strerror or err}") from err
-    return json_path, md_path
 
 
 def fusion_table(report: Mapping) -> tuple[list[str], list[list[str]]]:
@@ -192,16 +221,27 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
         lines.append("No fusions applied: the variants are the source graph (cleaned up, precision converted).")
     else:
         lines += _md_table(*fusion_table(report))
+    lines += ["", "## Coverage", "", f"- gate: {report['coverage']['state']}"
+              + (f" ({report['coverage']['reason']})" if report['coverage']['reason'] else "")]
+    blocks = report["coverage"]["blocks"]
+    if blocks:
+        lines += [""] + _md_table(["block", "fused / detected", "unfused (why)"], [
+            [kind, f"{b['fused']}/{b['detected']}", "; ".join(b["misses"]) or "-"] for kind, b in blocks.items()])
+    lines += [f"- note: {note}" for note in report.get("notes") or []]
     lines += ["", "## Parity", ""]
-    lines += _md_table(["variant", "max |diff|", "worst output", "result"], [
+    lines += _md_table(["variant", "max |diff|", "worst output", "worst case", "cases", "result"], [
         [n, "-" if v["parity"]["max_abs_diff"] is None else f"{v['parity']['max_abs_diff']:.3e}",
-         f"`{v['parity']['worst_output']}`" if v["parity"]["worst_output"] else "-", v["gate"]["parity"]]
+         f"`{v['parity']['worst_output']}`" if v["parity"]["worst_output"] else "-",
+         f"`{v['parity']['worst_case']}`" if v["parity"]["worst_case"] else "-", str(len(v["parity"]["cases"])),
+         v["gate"]["parity"]]
         for n, v in report["variants"].items()])
     lines += ["", "## Latency (ms)", ""]
-    lines += _md_table(["variant", "median", "p90", "p95", "baseline median", "speedup"], [
+    lines += _md_table(["variant", "median", "p90", "p95", "baseline median", "speedup", "95% interval", "gate"], [
         [n, _num(v["latency_ms"]["median"]), _num(v["latency_ms"]["p90"]), _num(v["latency_ms"]["p95"]),
          _num(v["latency_ms"]["baseline_median"]),
-         "-" if v["latency_ms"]["speedup"] is None else f"{v['latency_ms']['speedup']:.2f}x"]
+         "-" if v["latency_ms"]["speedup"] is None else f"{v['latency_ms']['speedup']:.2f}x",
+         "-" if not v["latency_ms"]["speedup_interval"] else "{:.2f}-{:.2f}x".format(*v["latency_ms"]["speedup_interval"]),
+         v["gate"]["latency"]]
         for n, v in report["variants"].items()])
     lines += _mlflow_section(report)
     lines += ["", "## Options", ""]

@@ -1,24 +1,27 @@
-"""The local optimize step, as a list of stages.
+"""The optimize step, a coordinator: each stage takes what the one before produced and edits nothing.
 
-    resolve source -> stage output folder -> optimize -> variants (fp32, fp16) -> inputs -> parity
-    -> latency -> report [-> MLflow run + registration] -> move the output folder into place
-    [-> GitHub job summary]
+    resolve -> optimize -> variants -> verify (parity, latency) -> decide -> report -> publish -> commit
 
-Each stage takes the previous stage's value. Everything is written to a temporary folder beside the
-output folder (same filesystem) and renamed into place at the end: on any error nothing is left behind
-and an existing output folder is untouched; on success an existing output folder is replaced.
+- resolve (:mod:`mlstep.registry`): the source (a file, an MLflow model directory, ``runs:/``,
+  ``models:/``) made local; the model loaded and checked (not ONNX, external data escaping, ONNX Runtime
+  refusing it: exit 2 before anything is written); the output guard taken (:mod:`mlstep.outdir`).
+- optimize (:mod:`mlstep.optimizer`): fusions, with per-kind block coverage.
+- variants (:mod:`mlstep.variants`): fp32 / fp16 written into the staging folder, each load-checked in ONNX
+  Runtime (a variant that does not load is mlstep's bug: exit 3, the model kept aside).
+- verify: parity at the user's shapes, a long sequence and, with past, past {1, 17} x new {1, 8}
+  (:mod:`mlstep.validate.parity`); latency by the pytest-benchmark gates (:mod:`mlstep.bench.gates`).
+- decide (:mod:`mlstep.gates`): typed verdicts per variant: parity, latency, coverage.
+- report (:mod:`mlstep.report`): report.json / report.md rendered once from facts + verdicts.
+- publish (:mod:`mlstep.registry`): with registration on, one MLflow run and the variants that passed
+  every gate registered; the report is rendered when the registrations are known.
+- commit (:mod:`mlstep.outdir`): the guard re-checked, the staging folder renamed into place.
 
-A failed gate is a result, not a crash: the outputs and the report (which says what failed) are moved
-into place and ``StepResult.passed`` is False; ``StepResult.check()`` then raises ``GateFailedError``
-(exit 1). The CLI prints its summary first, then calls ``check()``.
-
-MLflow (``mlstep.registry``): the source may be ``runs:/``, ``models:/`` (version, alias, LoggedModel id);
-it is resolved to a concrete version and downloaded to a temporary folder that lives until the step ends.
-With registration on (an MLflow source, or ``PublishSettings.register_as``; never with ``register=False``)
-the step logs one MLflow run and registers each variant that passed every gate; the report then names the
-versions (``variants.*.registered``). A store that fails part-way still gets the outputs moved into place
-(the report says what was registered) and then raises ``RegistryError`` (exit 2). Without registration
-nothing is written to MLflow. When ``GITHUB_STEP_SUMMARY`` is set, report.md is appended to it.
+A failed gate is a result, not a crash: the outputs and the report (which says what failed) are moved into
+place and ``StepResult.passed`` is False; ``StepResult.check()`` then raises ``GateFailedError`` (exit 1).
+SIGINT / SIGTERM / SIGHUP remove the staging and temporary folders and raise ``Interrupted`` (exit 130 /
+143 / 129). A store that fails part-way still gets the outputs moved into place (the report says what was
+registered) and then raises ``RegistryError`` (exit 2). When ``GITHUB_STEP_SUMMARY`` is set, report.md is
+appended to it.
 
 Library use::
 
@@ -34,24 +37,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlstep import registry
-from mlstep.errors import BadInputError, GateFailedError, OutputError, RegistryError, UsageError
+from mlstep import gates, outdir, registry, report, runtime
+from mlstep.errors import GateFailedError, RegistryError, UsageError
 from mlstep.optimizer.options import OptimizeOptions
-from mlstep.report import VariantFacts, build_report, failed_gates, gates_passed, scrub, write_report
+from mlstep.report import scrub
+from mlstep.variants import MODEL_FILE, PRECISIONS
 
-PRECISIONS = ("fp32", "fp16")
-MODEL_FILE = "model.onnx"
 LATENCY_DIR = "latency"        # the gates' benchmark.json, gates.json, latency.png
 MLFLOW_SCHEMES = registry.MLFLOW_SCHEMES
-STAGES = ("resolve", "optimize", "variants", "inputs", "parity", "latency", "report", "register", "commit")
+STAGES = ("resolve", "optimize", "variants", "parity", "latency", "report", "register", "commit")
 REPORT_FILES = ("report.json", "report.md")
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
@@ -67,10 +66,12 @@ class StepSettings:
     sequence_length: int = 8
     warmup: int = 5
     repeat: int = 30
-    max_slowdown: float = 0.05             # latency gate: variant median <= source median x (1 + max_slowdown)
-    min_speedup: float | None = None       # latency gate (optional): source median / variant median >= this
+    max_slowdown: float = 0.05             # latency gate: variant <= source x (1 + max_slowdown), noise-aware
+    min_speedup: float | None = None       # latency gate (optional): source / variant >= this
     require_gpu: bool = False              # exit 2 unless CUDA loads: a GPU job never measures the CPU by accident
     gate_fp16_on_cpu: bool = False         # fp16 timed on the CPU is reported, not gated, unless this is set
+    allow_partial_fusion: bool = False     # coverage gate: accept detected blocks that stayed unfused
+    remeasure: int = 2                     # latency gate: re-measurements of a borderline result
 
     def checked(self) -> "StepSettings":
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -90,7 +91,7 @@ class StepSettings:
                 "skip_benchmark": not self.benchmark, "batch_size": self.batch_size,
                 "sequence_length": self.sequence_length, "warmup": self.warmup, "repeat": self.repeat,
                 "max_slowdown": self.max_slowdown, "min_speedup": self.min_speedup, "require_gpu": self.require_gpu,
-                "gate_fp16_on_cpu": self.gate_fp16_on_cpu}
+                "gate_fp16_on_cpu": self.gate_fp16_on_cpu, "allow_partial_fusion": self.allow_partial_fusion}
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,15 @@ class _Quiet:
 @dataclass
 class StepResult:
     report: dict
-    passed: bool
+    verdicts: dict[str, gates.VariantVerdicts]
     output_dir: Path
     fusion_log: list = field(default_factory=list)     # optimizer FusionLog entries (what fused, what was refused)
     gates: Any = None        # mlstep.bench.gates.GateResults (files under output_dir/latency/) or None when skipped
+    warnings: list[str] = field(default_factory=list)  # detected blocks that stayed unfused, one line per kind
+
+    @property
+    def passed(self) -> bool:
+        return all(v.passed for v in self.verdicts.values())
 
     @property
     def no_fusions(self) -> bool:
@@ -152,7 +158,7 @@ class StepResult:
     def check(self) -> "StepResult":
         """Raise ``GateFailedError`` (exit 1) when a gate failed."""
         if not self.passed:
-            raise GateFailedError(f"gate failed: {'; '.join(failed_gates(self.report))} "
+            raise GateFailedError(f"gate failed: {'; '.join(gates.failures(self.verdicts))} "
                                   f"(report: {self.output_dir / 'report.md'})")
         return self
 
@@ -164,91 +170,146 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
     listener = listener or _Quiet()
     settings = settings.checked()
     publish = publish.checked()
+    outdir.check_names(output_dir, "--output")
+    outdir.check_names(source, "source")
+    output_dir = Path(output_dir).expanduser().absolute()   # -o . stays meaningful after the commit's rename
     # The CLI's --precision decides the fp16 variant; the option records it (and joins the options hash).
     options = dataclasses.replace(options, float16="fp16" in settings.precisions).validate()
-    if settings.require_gpu:                      # fail before any work, not after optimizing on the CPU
-        from mlstep.bench.gates import require_cuda
-        require_cuda()
-
-    with contextlib.ExitStack() as stack:
-        with _stage(listener, "resolve", scrub(os.fspath(source))) as note:
-            resolved, store, register_as = _resolve(source, publish, stack)
-            model_path = resolved.local_path
-            note(resolved.describe() + (f" (register as {register_as})" if register_as else ""))
-            if Path(output_dir).expanduser().resolve() in model_path.resolve().parents:
-                raise UsageError(f"{model_path}: the source lies inside the output folder {output_dir}, "
-                                 "which this run replaces; choose another --output")
-        registry_error = None
-        with staged_output(output_dir) as tmp:
-            with _stage(listener, "optimize", model_path.name) as note:
-                optimized = _optimize(model_path, options)
-                note(_fusion_text(optimized.fusions))
-            with _stage(listener, "variants", ", ".join(settings.precisions)):
-                paths, fusions = build_variants(optimized.model, settings.precisions, tmp)
-            parity, latency, baseline, gates = {}, {}, None, None
-            if settings.validate or settings.benchmark:
-                with _stage(listener, "inputs", f"batch {settings.batch_size} x sequence {settings.sequence_length}"):
-                    cases = make_inputs(model_path, settings)
-                providers = _providers(options.use_gpu or settings.require_gpu)
-                if settings.validate:
-                    with _stage(listener, "parity") as note:
-                        parity = validate(model_path, paths, cases, providers)
-                        note(", ".join(f"{n} {'ok' if r.passed else 'FAILED'} ({r.max_abs_diff:.1e})"
-                                       for n, r in parity.items()))
-                if settings.benchmark:
-                    with _stage(listener, "latency") as note:
-                        from mlstep.bench.gates import GateSettings, run_gates
-                        gates = run_gates(model_path, paths, GateSettings.from_settings(
-                            settings, use_gpu=options.use_gpu), output_dir=tmp / LATENCY_DIR)
-                        baseline, latency = gates.baseline, {n: g.stats for n, g in gates.variants.items()}
-                        note(", ".join(f"{n} {s.median_ms:.2f} ms" for n, s in latency.items())
-                             + f" (source {baseline.median_ms:.2f} ms, {gates.provider})")
-            fusion_log = optimized.log if options.verbose else None
-            with _stage(listener, "report"):
-                facts = {name: VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
-                                            parity=parity.get(name), latency=latency.get(name), baseline=baseline)
-                         for name in settings.precisions}
-                report = build_report(source=_source_text(source, model_path),
-                                      model_type=optimized.detected.model_type,
-                                      num_heads=optimized.detected.num_heads,
-                                      hidden_size=optimized.detected.hidden_size,
-                                      options=_options_dict(options, settings), variants=facts,
-                                      optimizer_seconds=optimized.seconds,
-                                      mlflow=store.record(resolved, register_as) if store else None)
-                if gates is not None:
-                    from mlstep.bench.gates import apply_to_report
-                    apply_to_report(report, gates)   # gate.latency passed|failed, gate.passed (before registering)
-                if not register_as:
-                    write_report(report, tmp, fusion_log=fusion_log)
-            if register_as:
-                with _stage(listener, "register", register_as) as note:
-                    try:
-                        store.publish(report, resolved, paths, register_as=register_as, aliases=publish.alias_map,
-                                      write=lambda r: write_report(r, tmp, fusion_log=fusion_log),
-                                      evidence=evidence_files(tmp), experiment=publish.experiment)
-                    except RegistryError as err:
-                        registry_error = err
-                    if not (tmp / "report.json").is_file():
-                        write_report(report, tmp, fusion_log=fusion_log)
-                    note(_registration_text(report))
-            listener.start("commit", str(output_dir))
-            committing = time.perf_counter()
-        listener.done("commit", time.perf_counter() - committing, str(output_dir))
-    append_job_summary(Path(output_dir) / "report.md")
-    if registry_error is not None:
-        raise RegistryError(f"{registry_error} (outputs and report: {output_dir})")
-    return StepResult(report, gates_passed(report), Path(output_dir), list(optimized.log),
-                      gates.moved(tmp, output_dir) if gates is not None else None)
+    with outdir.interruptible():
+        if settings.require_gpu:                      # fail before any work, not after optimizing on the CPU
+            runtime.require_cuda()
+        providers = runtime.providers(options.use_gpu or settings.require_gpu)
+        with contextlib.ExitStack() as stack:
+            with _stage(listener, "resolve", scrub(os.fspath(source))) as note:
+                src = _resolve(source, output_dir, settings, publish, stack, providers)
+                note(src.resolved.describe() + (f" (register as {src.register_as})" if src.register_as else ""))
+            with outdir.staged_output(output_dir) as staging:
+                result = _work(src, staging, output_dir, options, settings, publish, providers, listener)
+                listener.start("commit", str(output_dir))
+                committing = time.perf_counter()
+            listener.done("commit", time.perf_counter() - committing, str(output_dir))
+    append_job_summary(output_dir / "report.md")
+    if result.registry_error is not None:
+        raise RegistryError(f"{result.registry_error} (outputs and report: {output_dir})")
+    return StepResult(result.report, result.verdicts, output_dir, result.fusion_log,
+                      result.gates.moved(staging, output_dir) if result.gates is not None else None,
+                      result.warnings)
 
 
-def _resolve(source, publish: PublishSettings, stack: contextlib.ExitStack):
-    """(Resolved, the MLflow store or None, the registered model name to register under or None)."""
+@dataclass(frozen=True)
+class _Source:
+    resolved: Any                   # registry.Resolved
+    text: str                       # the source as the report shows it (credentials scrubbed)
+    model: Any                      # the source as onnx_ir.Model (checked; optimized in place later)
+    precision: str                  # fp32 | fp16 (mlstep.variants.source_precision)
+    cases: list                     # parity cases, synthesized before the model is optimized
+    store: Any
+    register_as: str | None
+
+
+@dataclass
+class _Work:
+    report: dict
+    verdicts: dict
+    fusion_log: list
+    gates: Any
+    warnings: list[str]
+    registry_error: RegistryError | None = None
+
+
+def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOptions, settings: StepSettings,
+          publish: PublishSettings, providers: list[str], listener) -> _Work:
+    from mlstep import variants as variant_builder
+
+    model_path = src.resolved.local_path
+    names, notes = variant_builder.plan(settings.precisions, src.precision)
+    with _stage(listener, "optimize", model_path.name) as note:
+        optimized = _optimize(src.model, options, model_path)
+        note(_fusion_text(optimized.fusions))
+    warnings = gates.unfused_warnings(optimized.coverage)
+    with _stage(listener, "variants", ", ".join(names)):
+        paths, fusions = variant_builder.build_variants(optimized.model, names, staging, source=src.precision)
+        for name, path in paths.items():
+            runtime.load_check(path, name, providers)
+    parity, latency = {}, None
+    if settings.validate:
+        with _stage(listener, "parity", f"{len(src.cases)} cases") as note:
+            parity = validate(model_path, paths, src.cases, providers)
+            note(", ".join(f"{n} {'ok' if r.passed else 'FAILED'} ({r.max_abs_diff:.1e})" for n, r in parity.items()))
+    if settings.benchmark:
+        with _stage(listener, "latency") as note:
+            latency = _latency(model_path, paths, settings, options, staging / LATENCY_DIR)
+            note(", ".join(f"{n} {g.median_ms:.2f} ms" for n, g in latency.variants.items())
+                 + f" (source {latency.baseline.median_ms:.2f} ms, {latency.provider})")
+    coverage = gates.coverage_verdict(optimized.coverage, settings.allow_partial_fusion)
+    verdicts = {name: gates.decide(parity.get(name), latency.variants.get(name) if latency else None, coverage)
+                for name in names}
+    facts = report.RunFacts(
+        source=src.text,
+        model_type=optimized.detected.model_type, num_heads=optimized.detected.num_heads,
+        hidden_size=optimized.detected.hidden_size, options=_options_dict(options, settings),
+        optimizer_seconds=optimized.seconds, coverage=dict(optimized.coverage), notes=notes,
+        variants={name: report.VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
+                                            parity=parity.get(name),
+                                            latency=latency.variants.get(name) if latency else None,
+                                            baseline=latency.baseline if latency else None)
+                  for name in names},
+        mlflow=src.store.record(src.resolved, src.register_as) if src.store else None)
+    fusion_log = optimized.log if options.verbose else None
+    error = None
+    if src.register_as:
+        with _stage(listener, "register", src.register_as) as note:
+            rendered, error = _publish(src, facts, verdicts, coverage, paths, staging, publish, fusion_log)
+            note(_registration_text(rendered))
+    else:
+        with _stage(listener, "report"):
+            rendered = report.render(facts, verdicts, coverage, staging, fusion_log)
+    return _Work(rendered, verdicts, list(optimized.log), latency, warnings, error)
+
+
+def _publish(src: _Source, facts, verdicts, coverage, paths, staging: Path, publish: PublishSettings,
+             fusion_log) -> tuple[dict, RegistryError | None]:
+    """Log the run and register the passing variants; render the report once the registrations are known.
+
+    The one place the step talks to the registry's publishing: ``Registry.publish`` reads a draft of the
+    report (options, figures, gates) and hands back, through ``write``, the registrations it made; the
+    report is rendered from the facts with those registrations and the same verdicts.
+    """
+    draft = report.build(facts, verdicts, coverage)
+    rendered: dict = {}
+
+    def write(registered: dict):
+        final = dataclasses.replace(facts, mlflow=registered.get("mlflow"), variants={
+            name: dataclasses.replace(v, registered=registered["variants"][name].get("registered"))
+            for name, v in facts.variants.items()})
+        rendered["report"] = report.render(final, verdicts, coverage, staging, fusion_log)
+        return [staging / name for name in REPORT_FILES]
+
+    error = None
+    try:
+        src.store.publish(draft, src.resolved, paths, register_as=src.register_as, aliases=publish.alias_map,
+                          write=write, evidence=evidence_files(staging), experiment=publish.experiment)
+    except RegistryError as err:
+        error = err
+    if "report" not in rendered:          # the store failed before the registrations were known
+        write(draft)
+    return rendered["report"], error
+
+
+def _resolve(source, output_dir: Path, settings: StepSettings, publish: PublishSettings,
+             stack: contextlib.ExitStack, providers: list[str]) -> _Source:
+    """Resolve and check the source before anything is written: one line, exit 2, on bad input."""
+    from mlstep import variants
+    from mlstep.optimizer import io
+
     from_mlflow = registry.is_mlflow_uri(source)
     if from_mlflow:
         registry.parse_uri(os.fspath(source))      # a malformed URI fails before any store is touched
     wants_registration = publish.register and (from_mlflow or bool(publish.register_as))
+    outdir.Guard.take(output_dir)                  # a foreign output folder is refused before any work
     store = None
     if from_mlflow or wants_registration:
+        outdir.check_store_outside(output_dir, registry.tracking_uri())
         store = registry.Registry()
         if not from_mlflow:
             store.ping()                 # a dead server fails now, not after the optimizer's minutes
@@ -259,7 +320,27 @@ def _resolve(source, publish: PublishSettings, stack: contextlib.ExitStack):
         if not register_as:
             raise UsageError(f"{resolved.uri}: no registered model to add the variants to; "
                              "pass --register-as NAME (or --no-register)")
-    return resolved, store, register_as
+    model_path = resolved.local_path
+    if output_dir in model_path.resolve().parents or output_dir.resolve() in model_path.resolve().parents:
+        raise UsageError(f"{model_path}: the source lies inside the output folder {output_dir}, "
+                         "which this run replaces; choose another --output")
+    model = io.load(model_path)                    # not ONNX, external data escaping: exit 2
+    runtime.session(model_path, providers, runtime.DISABLE_ALL)   # ONNX Runtime refuses it: exit 2
+    return _Source(resolved, _source_text(source, model_path), model, variants.source_precision(model),
+                   _cases(model, model_path, settings), store, register_as)
+
+
+def _cases(model, model_path: Path, settings: StepSettings) -> list:
+    """Parity cases, synthesized from the source's signature before it is optimized (see ``parity_cases``)."""
+    from mlstep.errors import BadInputError
+    from mlstep.validate.parity import parity_cases
+
+    if not settings.validate:
+        return []
+    cases = parity_cases(model, batch=settings.batch_size, sequence=settings.sequence_length)
+    if not cases:
+        raise BadInputError(f"{model_path.name}: could not synthesize inputs from the graph signature")
+    return cases
 
 
 def evidence_files(directory: Path) -> dict[Path, str | None]:
@@ -293,120 +374,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
     return registry.resolve_local(source)
 
 
-@contextlib.contextmanager
-def staged_output(output_dir: str | os.PathLike) -> Iterator[Path]:
-    """A temporary folder beside ``output_dir``, renamed to ``output_dir`` when the block succeeds.
+def _optimize(model, options: OptimizeOptions, model_path: Path):
+    from mlstep.optimizer import optimize
 
-    An existing ``output_dir`` is replaced only if it is empty or an earlier mlstep output (holds
-    report.json): ``-o .`` or ``-o ~`` can never wipe a folder mlstep did not write. Parent folders that
-    this call created are removed again on failure.
-    """
-    target = Path(output_dir).expanduser().absolute()
-    if target.exists() or target.is_symlink():
-        if not target.is_dir() or target.is_symlink():
-            raise OutputError(f"{output_dir}: exists and is not a directory")
-        if any(target.iterdir()) and not (target / "report.json").is_file():
-            raise OutputError(f"{output_dir}: exists, is not empty and is not an mlstep output; "
-                              "refusing to replace it")
-    created = _make_parents(target.parent, output_dir)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.mlstep-", dir=target.parent))
-        os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes 0o700; the result is an ordinary folder
-    except OSError as err:
-        _remove_created(created)
-        raise OutputError(f"{output_dir}: cannot write beside it ({err.strerror or err})") from err
-    try:
-        yield tmp
-        _replace(tmp, target, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created(created)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_parents(parent: Path, shown) -> list[Path]:
-    missing = []
-    probe = parent
-    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputError(f"{shown}: cannot create it: {probe} is not a directory")
-    created = []
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except OSError as err:
-            _remove_created(created)
-            raise OutputError(f"{shown}: cannot create {folder} ({err.strerror or err})") from err
-        created.append(folder)
-    return created
-
-
-def _remove_created(created: list[Path]) -> None:
-    for folder in reversed(created):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _replace(tmp: Path, target: Path, shown) -> None:
-    try:
-        if not target.exists():
-            os.rename(tmp, target)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.mlstep-old-", dir=target.parent))
-        os.rename(target, old / "previous")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            os.rename(old / "previous", target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        raise OutputError(f"{shown}: cannot move the result into place ({err.strerror or err})") from err
-
-
-def _optimize(model_path: Path, options: OptimizeOptions):
-    from mlstep.optimizer import optimize_file
-
-    return optimize_file(model_path, options)
-
-
-def build_variants(model, precisions: tuple[str, ...], directory: Path) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Save each variant as ``directory/<precision>/model.onnx``; return paths and fused-op counts.
-
-    fp32 is the optimized model; fp16 is converted from it (a new model; the fp32 one is saved first).
-    """
-    from mlstep.optimizer import io
-    from mlstep.optimizer.passes import count_fused_ops
-
-    paths, fusions = {}, {}
-    for name in precisions:
-        variant = model
-        if name == "fp16":
-            from mlstep.precision import to_fp16
-
-            variant = to_fp16(model, keep_io_types=True)
-        paths[name] = io.save(variant, directory / name / MODEL_FILE)
-        fusions[name] = dict(count_fused_ops(variant))
-    return paths, fusions
-
-
-def make_inputs(model_path: Path, settings: StepSettings):
-    """Inputs synthesized from the source's signature (ids in vocab, masks padded right and left)."""
-    from mlstep.optimizer import io
-    from mlstep.validate.inputs import synthesize_inputs
-
-    cases = synthesize_inputs(io.load(model_path), batch=settings.batch_size, sequence=settings.sequence_length)
-    if not cases:
-        raise BadInputError(f"{model_path}: could not synthesize inputs from the graph signature")
-    return cases
+    return optimize(model, options, source_dir=model_path.parent)
 
 
 def validate(model_path: Path, paths: dict[str, Path], cases, providers) -> dict:
@@ -418,24 +389,15 @@ def validate(model_path: Path, paths: dict[str, Path], cases, providers) -> dict
             for name, path in paths.items()}
 
 
-def benchmark(model_path: Path, paths: dict[str, Path], feeds, providers, settings: StepSettings):
-    """Latency of the source (the baseline) and of each variant, same feeds, same process."""
-    from mlstep.bench import measure
+def _latency(model_path: Path, paths: dict[str, Path], settings: StepSettings, options: OptimizeOptions,
+             directory: Path):
+    from mlstep.bench.gates import GateSettings, run_gates
 
-    def one(path):
-        return measure(path, feeds, providers, warmup=settings.warmup, repeat=settings.repeat)
-
-    baseline = one(model_path)
-    return baseline, {name: one(path) for name, path in paths.items()}
+    return run_gates(model_path, paths, GateSettings.from_settings(settings, use_gpu=options.use_gpu),
+                     output_dir=directory)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def _providers(use_gpu: bool) -> list[str]:
-    from mlstep.validate.parity import providers
-
-    return providers(use_gpu)
-
 
 def _source_text(source, model_path: Path) -> str:
     text = os.fspath(source)

@@ -17,7 +17,7 @@ _SCRIPT = Path(sys.executable).parent / "mlstep"
 MLSTEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from mlstep.cli.main import app; app()"]
 
 REPORT_KEYS = {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
-               "variants"}
+               "coverage", "notes", "variants"}
 VARIANT_KEYS = {"path", "fusions", "parity", "latency_ms", "gate", "registered"}
 
 
@@ -195,9 +195,9 @@ def read_report(output: Path) -> dict:
     for name, variant in report["variants"].items():
         assert set(variant) == VARIANT_KEYS, name
         assert (output / variant["path"]).is_file()
-        assert set(variant["parity"]) == {"max_abs_diff", "passed", "worst_output"}
-        assert set(variant["latency_ms"]) == {"median", "p90", "p95", "baseline_median", "speedup"}
-        assert set(variant["gate"]) == {"parity", "latency", "passed"}
+        assert set(variant["parity"]) == {"max_abs_diff", "passed", "worst_output", "worst_case", "cases"}
+        assert set(variant["latency_ms"]) == {"median", "p90", "p95", "baseline_median", "speedup", "speedup_interval"}
+        assert set(variant["gate"]) == {"parity", "latency", "coverage", "passed", "reasons"}
         assert variant["registered"] is None
     return report
 
@@ -258,7 +258,8 @@ def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
     assert report["variants"]["fp32"]["gate"]["passed"] is True
     fp16 = report["variants"]["fp16"]
     assert fp16["parity"]["passed"] is False and fp16["parity"]["worst_output"] == "y"
-    assert fp16["gate"] == {"parity": "failed", "latency": "skipped", "passed": False}
+    assert (fp16["gate"]["parity"], fp16["gate"]["latency"], fp16["gate"]["passed"]) == ("failed", "skipped", False)
+    assert "max |diff|" in fp16["gate"]["reasons"]["parity"] and fp16["parity"]["worst_case"] in fp16["parity"]["cases"]
     assert "a gate failed" in (output / "report.md").read_text()
 
 
@@ -271,4 +272,5 @@ def test_mlflow_model_directory_source(tmp_path):
     assert proc.returncode == 0, proc.stderr + proc.stdout
     report = read_report(output)
     assert report["source"].endswith("model.onnx")
-    assert report["variants"]["fp32"]["gate"] == {"parity": "skipped", "latency": "skipped", "passed": True}
+    gate = report["variants"]["fp32"]["gate"]
+    assert (gate["parity"], gate["latency"], gate["passed"]) == ("skipped", "skipped", True)

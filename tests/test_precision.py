@@ -162,13 +162,16 @@ def test_blocked_range_stays_fp32_and_float_input_is_cast(tmp_path):
     assert check_parity(tmp_path / "range.onnx", tmp_path / "fp16.onnx", "fp16", cases).passed
 
 
-def test_fp16_values_are_clipped_not_overflowed(tmp_path):
+def test_fp16_values_are_clipped_not_overflowed_and_infinities_kept(tmp_path):
     from mlstep.precision import fp16_array
 
-    out = fp16_array(np.array([1e6, -1e6, 1e-12, -1e-12, 0.0, np.inf, np.nan], np.float32))
+    out = fp16_array(np.array([1e6, -1e6, 1e-12, -1e-12, 0.0, np.inf, -np.inf, np.nan,
+                               np.finfo(np.float32).min], np.float32))
     assert out[0] == 65504 and out[1] == -65504
     assert out[2] > 0 and out[3] < 0 and out[4] == 0  # epsilons survive
-    assert out[5] == 65504 and np.isnan(out[6])
+    # -inf carries meaning (a fully masked row -> NaN -> the export's IsNaN guard): kept, as is NaN.
+    assert out[5] == np.inf and out[6] == -np.inf and np.isnan(out[7])
+    assert out[8] == -65504                             # a finite "most negative" fill stays finite
 
 
 @pytest.mark.parametrize("block", [frozenset(), frozenset({"Softmax"})], ids=["all-fp16", "softmax-blocked"])

@@ -15,15 +15,15 @@ Into ``output_dir`` go ``benchmark.json`` (pytest-benchmark's own JSON, per-roun
 ``gates.json`` (the decisions: :meth:`GateResults.as_dict`) and ``latency.png`` (median per model, p95
 whisker, the gate threshold as a line).
 
-The gate, per variant (pooled rounds of all interleaved blocks; see ``gate_benchmarks`` for why):
-
-- failed when ``median > baseline_median * (1 + max_slowdown)`` (default ``max_slowdown`` 0.05);
-- failed when ``min_speedup`` is set and ``baseline_median / median < min_speedup``.
+The decision is not made here: per variant the per-block samples of the variant and of the source go to
+:func:`mlstep.gates.decide_latency` (paired ratios, a 95% interval, ``borderline`` when the interval
+straddles the limit). A borderline variant is re-measured: the whole interleaved run is repeated (up to
+``remeasure`` times) and its blocks are pooled with the earlier ones before the final decision.
 
 Shapes: ``batch_size`` x ``sequence_length``; a model with past inputs (``past_*``) is timed as the seed
 does, one new token on a past of ``past_sequence_length`` (default: ``sequence_length``).
 
-Providers: CPU, or [CUDA, CPU] with ``use_gpu`` when CUDA loads (``mlstep.validate.parity.providers``). The
+Providers: CPU, or [CUDA, CPU] with ``use_gpu`` when CUDA loads (``mlstep.runtime.providers``). The
 provider that actually ran (``session.get_providers()[0]``) is recorded; ``require_gpu`` raises
 ``BadInputError`` (exit 2) when CUDA did not load, before anything is timed, and again if a session fell
 back to the CPU. On CUDA the runner uses IO binding (``mlstep.bench.latency.make_runner``).
@@ -46,8 +46,10 @@ from typing import Any
 
 import numpy as np
 
+from mlstep import gates as verdicts
 from mlstep.bench.latency import CPU, CUDA, LatencyStats, summarize
 from mlstep.errors import BadInputError, MlstepError, UsageError
+from mlstep.runtime import require_cuda
 
 BASELINE = "baseline"
 BENCHMARK_JSON = "benchmark.json"
@@ -73,6 +75,7 @@ class GateSettings:
     target_round_ms: float = 5.0
     seed: int = 0
     gate_fp16_on_cpu: bool = False            # fp16 on the CPU is timed but not gated unless asked
+    remeasure: int = 2                        # extra interleaved runs when a decision is borderline
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides) -> "GateSettings":
@@ -92,6 +95,8 @@ class GateSettings:
             raise UsageError(f"max slowdown must be a finite number >= 0, got {self.max_slowdown}")
         if self.min_speedup is not None and not (self.min_speedup > 0 and math.isfinite(self.min_speedup)):
             raise UsageError(f"min speedup must be a finite number > 0, got {self.min_speedup}")
+        if self.remeasure < 0:
+            raise UsageError(f"remeasure must be >= 0, got {self.remeasure}")
         if self.threads < 0 or self.blocks < 1 or self.iterations < 0 or self.target_round_ms <= 0:
             raise UsageError("threads >= 0, blocks >= 1, iterations >= 0 and target_round_ms > 0 are required")
         return dataclasses.replace(self, blocks=min(self.blocks, self.repeat))
@@ -111,6 +116,9 @@ class VariantGate:
     rounds: int
     provider: str
     gated: bool = True             # False: timed for information only (fp16 on the CPU)
+    ratio_low: float = math.nan    # 95% interval of variant / source latency (mlstep.gates.ratio_interval)
+    ratio_high: float = math.nan
+    blocks: int = 0                # paired blocks the decision used
 
     @property
     def stats(self) -> LatencyStats:
@@ -134,6 +142,8 @@ class GateResults:
     plot_path: Path | None         # None when matplotlib is not installed
     summary_path: Path             # gates.json
     extra: dict = field(default_factory=dict)
+    measurements: int = 1          # interleaved runs pooled (1 + re-measurements of a borderline result)
+    borderline: bool = False       # a gated variant's interval straddles the limit (not final)
 
     @property
     def passed(self) -> bool:
@@ -148,7 +158,7 @@ class GateResults:
             "shape": {"batch_size": self.batch_size, "sequence_length": self.sequence_length,
                       "past_sequence_length": self.past_sequence_length},
             "iterations_per_round": self.iterations, "max_slowdown": self.max_slowdown,
-            "min_speedup": self.min_speedup, "passed": self.passed,
+            "min_speedup": self.min_speedup, "passed": self.passed, "measurements": self.measurements,
             "baseline": {k: v for k, v in self.baseline.as_dict().items()},
             "variants": {name: dataclasses.asdict(v) for name, v in self.variants.items()},
             "files": {"benchmark_json": self.json_path.name,
@@ -177,42 +187,6 @@ class GateResults:
 
         return dataclasses.replace(self, json_path=rebase(self.json_path), plot_path=rebase(self.plot_path),
                                    summary_path=rebase(self.summary_path))
-
-
-def decide(baseline_median: float, median: float, max_slowdown: float = 0.05,
-           min_speedup: float | None = None) -> tuple[bool, str]:
-    """(passed, reason) for one variant: the gate's rule, nothing else."""
-    if not (math.isfinite(median) and median > 0 and math.isfinite(baseline_median) and baseline_median > 0):
-        return False, f"no valid timing (median {median}, baseline {baseline_median})"
-    limit = baseline_median * (1 + max_slowdown)
-    if median > limit:
-        return False, (f"median {median:.4g} ms > baseline {baseline_median:.4g} ms x {1 + max_slowdown:g} "
-                       f"(speedup {baseline_median / median:.2f}x)")
-    speedup = baseline_median / median
-    if min_speedup is not None and speedup < min_speedup:
-        return False, f"speedup {speedup:.2f}x < required {min_speedup:g}x"
-    return True, ""
-
-
-def require_cuda() -> None:
-    """Raise ``BadInputError`` (exit 2) unless CUDAExecutionProvider loads in a session here."""
-    import onnxruntime as ort
-
-    from mlstep.validate.parity import providers
-
-    if CUDA in ort.get_available_providers():
-        # The probe's failure to load CUDA is logged by ORT's default logger (errors on stderr); the one
-        # line below says it. ORT has no getter: restore its default level (warning).
-        ort.set_default_logger_severity(4)
-        try:
-            loaded = CUDA in providers(True)
-        finally:
-            ort.set_default_logger_severity(2)
-    else:
-        loaded = False
-    if not loaded:
-        raise BadInputError(f"--require-gpu: {CUDA} did not load (onnxruntime {ort.__version__}, available: "
-                            f"{', '.join(ort.get_available_providers())}); refusing to measure on the CPU")
 
 
 def has_past(model) -> bool:
@@ -247,7 +221,7 @@ def run_gates(source_path: str | os.PathLike, variants: Mapping[str, str | os.Pa
     gates.json and latency.png. ``feeds`` overrides the synthesized inputs.
     """
     from mlstep.optimizer import io as model_io
-    from mlstep.validate.parity import providers as loadable_providers
+    from mlstep.runtime import providers as loadable_providers
 
     settings = settings.checked()
     if BASELINE in variants:
@@ -278,29 +252,23 @@ def run_gates(source_path: str | os.PathLike, variants: Mapping[str, str | os.Pa
                   "target_round_ms": settings.target_round_ms}
         (work / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         (work / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
-        _run_pytest(work, json_path)
+        runs = []
+        for attempt in range(1 + settings.remeasure):
+            target = json_path if attempt == 0 else out / f"benchmark-remeasure-{attempt}.json"
+            _run_pytest(work, target)
+            runs.append(json.loads(target.read_text(encoding="utf-8")))
+            results = _results(runs, [m["name"] for m in models], settings, shape, json_path, out)
+            if not results.borderline:
+                break
+        results = _results(runs, [m["name"] for m in models], settings, shape, json_path, out, final=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    results = _results(json.loads(json_path.read_text(encoding="utf-8")), [m["name"] for m in models],
-                       settings, shape, json_path, out)
     if settings.require_gpu and results.provider != CUDA:
         raise BadInputError(f"--require-gpu: the sessions ran on {results.provider}, not {CUDA}")
     results.plot_path = plot_gates(results, out / PLOT_PNG)
     results.summary_path.write_text(json.dumps(results.as_dict(), indent=2) + "\n", encoding="utf-8")
     return results
-
-
-def apply_to_report(report: dict, results: GateResults) -> dict:
-    """Set ``gate.latency`` (passed|failed) and ``gate.passed`` of each gated variant in a report.json dict."""
-    for name, variant in report["variants"].items():
-        gate = results.variants.get(name)
-        if gate is None:
-            continue
-        gated = getattr(gate, "gated", True)
-        variant["gate"]["latency"] = "not_gated" if not gated else "passed" if gate.passed else "failed"
-        variant["gate"]["passed"] = "failed" not in (variant["gate"]["parity"], variant["gate"]["latency"])
-    return report
 
 
 # ------------------------------------------------------------------------------------------- internals
@@ -341,6 +309,8 @@ def _run_pytest(work: Path, json_path: Path) -> None:
            "PYTEST_CURRENT_TEST": os.environ.get("PYTEST_CURRENT_TEST")}
     with _PYTEST_LOCK, _environ(env), contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
         code = pytest.main(args, plugins=[pytest_benchmark.plugin, failures])
+    if code == pytest.ExitCode.INTERRUPTED:       # pytest swallows Ctrl-C (and our signal handlers' raise)
+        raise KeyboardInterrupt
     if code != 0 or not json_path.is_file():
         detail = "; ".join(dict.fromkeys(failures.lines)) or " ".join(buffer.getvalue().strip().splitlines()[-1:])
         raise MlstepError(f"latency gates: the benchmark run failed (pytest exit {int(code)}): {detail}")
@@ -364,41 +334,55 @@ def _environ(values: Mapping[str, str | None]):
                 os.environ[key] = value
 
 
-def _results(data: dict, names: list[str], settings: GateSettings, shape: dict, json_path: Path,
-             out: Path) -> GateResults:
-    rounds: dict[str, list[float]] = {name: [] for name in names}
+def _results(runs: list[dict], names: list[str], settings: GateSettings, shape: dict, json_path: Path,
+             out: Path, final: bool = False) -> GateResults:
+    """Pool the runs' rounds per model and block (a re-measurement adds blocks) and decide each variant."""
+    blocks: dict[str, dict[tuple[int, int], list[float]]] = {name: {} for name in names}
     info: dict[str, dict] = {}
-    for bench in data.get("benchmarks", []):
-        extra = bench.get("extra_info", {})
-        name = extra.get("model")
-        if name in rounds:
-            rounds[name] += [t * 1e3 for t in bench["stats"]["data"]]
-            info[name] = extra
-    missing = [n for n in names if not rounds[n]]
+    for run_index, data in enumerate(runs):
+        for bench in data.get("benchmarks", []):
+            extra = bench.get("extra_info", {})
+            name = extra.get("model")
+            if name in blocks:
+                key = (run_index, int(extra.get("block", 0)))
+                blocks[name].setdefault(key, []).extend(t * 1e3 for t in bench["stats"]["data"])
+                info[name] = extra
+    missing = [n for n in names if not blocks[n]]
     if missing:
         raise MlstepError(f"latency gates: no timings for {', '.join(missing)} in {json_path}")
     used = {info[n]["provider"] for n in names}
     if len(used) != 1:
         raise MlstepError(f"latency gates: models ran on different providers ({', '.join(sorted(used))})")
     provider = used.pop()
-    base = summarize(rounds[BASELINE], provider)
-    variants = {}
+    keys = sorted(blocks[BASELINE])
+    base = summarize([t for k in keys for t in blocks[BASELINE][k]], provider)
+    variants, borderline = {}, False
     for name in names[1:]:
-        stats = summarize(rounds[name], provider)
-        passed, reason = decide(base.median_ms, stats.median_ms, settings.max_slowdown, settings.min_speedup)
+        rounds = [t for k in sorted(blocks[name]) for t in blocks[name][k]]
+        stats = summarize(rounds, provider)
+        paired = [k for k in keys if k in blocks[name]]
+        decision = verdicts.decide_latency([blocks[BASELINE][k] for k in paired], [blocks[name][k] for k in paired],
+                                           settings.max_slowdown, settings.min_speedup, final=final)
         gated = not (name == "fp16" and provider == CPU and not settings.gate_fp16_on_cpu)
+        passed, reason = decision.state != verdicts.FAILED, decision.reason
         if not gated:   # the fp16 variant is the GPU's: on a CPU it is timed for information, not gated
-            passed, reason = True, f"not gated on {CPU} (fp16 is the GPU variant; {reason or 'within the gate'})"
+            passed, reason = True, f"not gated on {CPU} (fp16 is the GPU variant; {reason})"
+        elif decision.state == verdicts.BORDERLINE:
+            borderline = True
+        est = decision.estimate
         variants[name] = VariantGate(name, stats.median_ms, stats.p90_ms, stats.p95_ms, stats.mean_ms,
-                                     base.median_ms, base.median_ms / stats.median_ms if stats.median_ms else 0.0,
-                                     passed, reason, len(rounds[name]), provider, gated)
+                                     base.median_ms, est.speedup if est else 0.0, passed,
+                                     "" if decision.state == verdicts.PASSED and gated else reason,
+                                     len(rounds), provider, gated, est.low if est else math.nan,
+                                     est.high if est else math.nan, est.blocks if est else 0)
     first = info[BASELINE]
     return GateResults(provider=provider, io_binding=bool(first.get("io_binding")), threads=int(first["threads"]),
                        batch_size=shape["batch_size"], sequence_length=shape["sequence_length"],
                        past_sequence_length=shape["past_sequence_length"], iterations=int(first["iterations"]),
                        max_slowdown=settings.max_slowdown, min_speedup=settings.min_speedup, baseline=base,
                        variants=variants, json_path=json_path, plot_path=None, summary_path=out / GATES_JSON,
-                       extra={"machine_info": data.get("machine_info", {}), "datetime": data.get("datetime")})
+                       extra={"machine_info": runs[0].get("machine_info", {}), "datetime": runs[0].get("datetime")},
+                       measurements=len(runs), borderline=borderline)
 
 
 def plot_gates(results: GateResults, path: Path) -> Path | None:
@@ -432,5 +416,5 @@ def plot_gates(results: GateResults, path: Path) -> Path | None:
     return path
 
 
-__all__ = ["BASELINE", "GateResults", "GateSettings", "VariantGate", "apply_to_report", "decide", "has_past",
-           "plot_gates", "require_cuda", "run_gates", "shaped_feeds"]
+__all__ = ["BASELINE", "GateResults", "GateSettings", "VariantGate", "has_past", "plot_gates", "require_cuda",
+           "run_gates", "shaped_feeds"]

@@ -229,7 +229,7 @@ def run_grid(source_path: str | Path, settings: GridSettings = GridSettings(), o
     from mlstep.bench.gates import has_past, shaped_feeds
     from mlstep.bench.latency import intra_op_threads
     from mlstep.optimizer import OptimizeOptions, io as model_io
-    from mlstep.validate.parity import providers as loadable_providers
+    from mlstep.runtime import providers as loadable_providers
 
     settings = settings.checked()
     options = options or OptimizeOptions(use_gpu=settings.use_gpu)
@@ -315,7 +315,7 @@ def log_to_mlflow(result: GridResult, source: str) -> Any:
 
 def _variants(source_path: Path, options, settings: GridSettings, work: str) -> dict[str, Path]:
     from mlstep.optimizer import optimize_file
-    from mlstep.step import build_variants
+    from mlstep.variants import build_variants
 
     optimized = optimize_file(source_path, options)
     paths, _ = build_variants(optimized.model, settings.precisions, Path(work))

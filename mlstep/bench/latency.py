@@ -15,24 +15,16 @@ become int32; float32 given to a float16 input become float16), so one set of fe
 """
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence  # noqa: F401
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlstep.errors import BadInputError
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-
-# ONNX Runtime's input type strings -> numpy dtypes (the ones a transformer signature uses).
-_ORT_DTYPES = {
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-    "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_,
-}
+from mlstep.runtime import CPU, CUDA, adapt_feeds, intra_op_threads, make_runner, uses_io_binding
+from mlstep.runtime import session as _session
 
 
 @dataclass(frozen=True)
@@ -76,76 +68,11 @@ def summarize(times_ms, provider: str) -> LatencyStats:
     return LatencyStats(float(p50), float(p90), float(p95), float(times_ms.mean()), provider)
 
 
-def adapt_feeds(session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Keep the feeds the session declares, each cast to the declared element type."""
-    adapted = {}
-    for arg in session.get_inputs():
-        if arg.name not in feeds:
-            raise BadInputError(f"latency: no feed for model input {arg.name!r}")
-        value = np.asarray(feeds[arg.name])
-        dtype = _ORT_DTYPES.get(arg.type)
-        adapted[arg.name] = value.astype(dtype) if dtype is not None and value.dtype != dtype else value
-    return adapted
-
-
 def open_session(path: str | Path, providers: Sequence[str] | None = None, threads: int = 0):
     """A session with ORT's default optimization level; ``threads`` > 0 sets intra-op threads (0: ORT's
-    default, one per physical core)."""
-    import onnxruntime as ort
-
-    if threads < 0:
-        raise BadInputError(f"latency: threads must be >= 0 (got {threads})")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3          # ORT's warnings (e.g. unused initializers) are not ours to print
-    options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=list(providers or [CPU]))
-    except Exception as err:                # ORT raises its own types; one line is what the user needs
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInputError(f"{path}: ONNX Runtime cannot load it ({first})") from err
+    default, one per physical core). (``mlstep.runtime.session``.)"""
+    return _session(path, providers, threads=threads)
 
 
-def intra_op_threads(threads: int = 0) -> int:
-    """The intra-op thread count a session made with ``threads`` uses (ORT's default: physical cores)."""
-    if threads > 0:
-        return threads
-    try:
-        import psutil
-
-        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except ImportError:  # pragma: no cover - psutil is a dependency
-        return int(os.cpu_count() or 1)
-
-
-def uses_io_binding(session) -> bool:
-    """True when :func:`make_runner` times this session with IO binding (its first provider is CUDA)."""
-    return session.get_providers()[0] == CUDA
-
-
-def make_runner(session, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
-    """One timed call.
-
-    On CUDAExecutionProvider the inputs are copied to the device once and bound (``OrtValue`` on
-    ``cuda:0``), the outputs are bound to device memory that ORT allocates, and the call is
-    ``session.run_with_iobinding(binding)``: host<->device copies are not part of the figure (ORT
-    synchronizes the device at the end of a run, so the wall time covers the kernels). Every other provider
-    runs with host arrays (``session.run``).
-    """
-    if not uses_io_binding(session):
-        return lambda: session.run(None, feeds)
-    import onnxruntime as ort
-
-    binding = session.io_binding()
-    # Keep the device copies alive as long as the runner: the binding holds raw pointers to them.
-    device_inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
-                     for name, value in feeds.items()}
-    for name, value in device_inputs.items():
-        binding.bind_ortvalue_input(name, value)
-    for output in session.get_outputs():
-        binding.bind_output(output.name, "cuda", 0)
-
-    def run():
-        session.run_with_iobinding(binding)
-        return device_inputs
-
-    return run
+__all__ = ["CPU", "CUDA", "LatencyStats", "adapt_feeds", "intra_op_threads", "make_runner", "measure",
+           "open_session", "summarize", "time_calls", "uses_io_binding"]

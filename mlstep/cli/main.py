@@ -7,8 +7,9 @@ every error to one line on stderr (``mlstep: error: ...``) and an exit code:
     1    a gate failed (GateFailedError): the outputs and the report are written and say what failed;
          for ``promote``: the version did not pass mlstep's gates
     2    bad input or usage, an unknown MLflow model/version/alias, an MLflow store that did not answer (MlstepError subclasses, click usage errors such as a missing --output)
-    3    internal error: an exception mlstep did not expect, i.e. a bug; please report it
-    130  interrupted
+    3    internal error: an exception mlstep did not expect, or a variant it wrote that ONNX Runtime cannot
+         load (kept aside for the report), i.e. a bug; please report it
+    130  interrupted (SIGINT); 143 SIGTERM, 129 SIGHUP (a cancelled CI job): staging and temp folders removed
 
 Tracebacks are printed only when the environment variable MLSTEP_DEBUG is set (to anything but 0).
 """

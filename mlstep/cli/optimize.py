@@ -64,6 +64,10 @@ GateFp16CpuOpt = Annotated[bool, typer.Option(
     "--gate-fp16-on-cpu", rich_help_panel=GATE,
     help="Also gate the fp16 variant's latency when it runs on the CPU (by default it is timed and reported "
          "there but not gated: ONNX Runtime has few fp16 CPU kernels; fp16 is the GPU variant).")]
+AllowPartialOpt = Annotated[bool, typer.Option(
+    "--allow-partial-fusion", rich_help_panel=STEP,
+    help="Pass the coverage gate although a detected transformer block stayed unfused (it is still "
+         "reported, with the reason, and warned about). A graph with no transformer block fails regardless.")]
 RequireGpuOpt = Annotated[bool, typer.Option(
     "--require-gpu", rich_help_panel=GATE,
     help="Exit 2 unless CUDAExecutionProvider loads (validate and measure on CUDA, never quietly on the CPU).")]
@@ -127,6 +131,7 @@ def optimize(
     min_speedup: MinSpeedupOpt = None,
     require_gpu: RequireGpuOpt = False,
     gate_fp16_on_cpu: GateFp16CpuOpt = False,
+    allow_partial_fusion: AllowPartialOpt = False,
     warmup: WarmupOpt = 5,
     repeat: RepeatOpt = 30,
     model_type: ModelTypeOpt = ModelType.auto,
@@ -147,7 +152,9 @@ def optimize(
 
     For an MLflow source (or with --register-as) the step logs an MLflow run and registers each variant that passed every gate; a re-run with the same source and options registers nothing new.
 
-    Exit code 0 when every gate passed, 1 when a gate failed (the outputs and the report are still written; nothing failing is registered), 2 for bad input, usage or an MLflow store that refused or did not answer.
+    Gates: parity (every variant against the source), latency (noise-aware), coverage (every detected transformer block fused; a graph with none fails: nothing found to fuse).
+
+    Exit code 0 when every gate passed, 1 when a gate failed (the outputs and the report are still written; nothing failing is registered), 2 for bad input, usage or an MLflow store that refused or did not answer, 3 for a bug in mlstep (a written variant ONNX Runtime cannot load), 130/143/129 on SIGINT/SIGTERM/SIGHUP (nothing left behind).
     """  # noqa: E501 (typer keeps line breaks: one paragraph per line)
     from mlstep import step
     from mlstep.optimizer.options import OptimizeOptions
@@ -161,11 +168,13 @@ def optimize(
         validate=not skip_validation, benchmark=not skip_benchmark,
         batch_size=batch_size, sequence_length=sequence_length, warmup=warmup, repeat=repeat,
         max_slowdown=max_slowdown, min_speedup=min_speedup, require_gpu=require_gpu,
-        gate_fp16_on_cpu=gate_fp16_on_cpu)
+        gate_fp16_on_cpu=gate_fp16_on_cpu, allow_partial_fusion=allow_partial_fusion)
     publish = step.PublishSettings(register=not no_register, register_as=register_as,
                                    aliases=(("fp32", alias_fp32), ("fp16", alias_fp16)), experiment=experiment)
     with _progress(verbose) as listener:
         result = step.run(source, output, options, settings, listener, publish)
+    for line in result.warnings:
+        print(f"mlstep: warning: unfused {line}", file=sys.stderr, flush=True)
     _print_summary(result, verbose)
     result.check()
 

@@ -29,18 +29,35 @@ def load(path: str | os.PathLike) -> ir.Model:
 
 
 def check_external_data(model: ir.Model, base_dir: Path) -> None:
-    """Every external tensor must live inside the model's folder (no path traversal, no absolute paths)."""
+    """Every external tensor must live inside the model's folder (no path traversal, no absolute paths):
+    initializers of the graph and of every subgraph (If/Loop/Scan bodies), and tensor attributes
+    (``Constant`` nodes) anywhere."""
     base = base_dir.resolve()
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
+    for name, tensor in _tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             location = Path(tensor.location)
             target = (base / location).resolve()
             if location.is_absolute() or (target != base and base not in target.parents):
                 raise BadInputError(
-                    f"external data location {tensor.location!r} of {value.name!r} escapes the model folder")
+                    f"external data location {tensor.location!r} of {name!r} escapes the model folder")
             if not target.is_file():
-                raise BadInputError(f"external data file {tensor.location!r} of {value.name!r} is missing")
+                raise BadInputError(f"external data file {tensor.location!r} of {name!r} is missing")
+
+
+def _tensors(model: ir.Model):
+    graphs = [model.graph, *model.graph.subgraphs()]
+    for function in model.functions.values():
+        graphs += [function.graph if hasattr(function, "graph") else function]
+    for graph in graphs:
+        for value in graph.initializers.values() if hasattr(graph, "initializers") else ():
+            yield value.name, value.const_value
+        for node in graph:
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield f"{node.op_type} {node.name or ''}".strip(), attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    for tensor in attr.value:
+                        yield f"{node.op_type} {node.name or ''}".strip(), tensor
 
 
 def weight_bytes(model: ir.Model) -> int:

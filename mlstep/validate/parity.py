@@ -13,21 +13,19 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
-from mlstep.validate.inputs import Case
+from mlstep import runtime
+from mlstep.runtime import CPU, CUDA, providers
+from mlstep.validate.inputs import Case, synthesize_inputs
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-3
 FP16_REL = 2e-2
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+LONG_SEQUENCE = 64                       # parity also runs at this length (short probes fool fusions)
+PAST_LENGTHS = (1, 17)                   # models with past: past lengths x new tokens, left-padded
+NEW_TOKENS = (1, 8)
 
 
 @dataclass
@@ -38,56 +36,38 @@ class ParityResult:
     worst_case: str
     provider: str
     per_output: dict[str, float] = field(default_factory=dict)
+    cases: tuple[str, ...] = ()          # the case names compared (shapes and padding)
 
 
-def providers(use_gpu: bool) -> list[str]:
-    """[CUDA, CPU] when asked for and CUDA really loads in a session (checked once), else [CPU]."""
-    return [CUDA, CPU] if use_gpu and _cuda_loads() else [CPU]
+def parity_cases(model, batch: int = 2, sequence: int = 8, seed: int = 0) -> list[Case]:
+    """The cases parity runs: the user's shapes, a long sequence, and for models with past inputs past
+    {1, 17} x new tokens {1, 8} (no padding and left padding, as in generation).
+
+    Case names carry the shape: ``s8/left-padded``, ``s64/right-padded``, ``past17+8/left-padded``.
+    """
+    cases = []
+    lengths = [sequence] + ([LONG_SEQUENCE] if sequence < LONG_SEQUENCE else [])
+    for length in lengths:
+        cases += [Case(f"s{length}/{c.name}", c.feeds)
+                  for c in synthesize_inputs(model, batch=batch, sequence=length, seed=seed)]
+    if _has_past(model):
+        for past in PAST_LENGTHS:
+            for new in NEW_TOKENS:
+                cases += [Case(f"past{past}+{new}/{c.name}", c.feeds)
+                          for c in synthesize_inputs(model, batch=batch, sequence=new, seed=seed, past_sequence=past)
+                          if c.name in ("no-padding", "left-padded")]
+    return cases
 
 
-@lru_cache(maxsize=1)
-def _cuda_loads() -> bool:
-    if CUDA not in ort.get_available_providers():
-        return False
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
-    except Exception:  # a broken CUDA install raises instead of falling back
-        return False
-    return CUDA in session.get_providers()
-
-
-def _session(path: str | os.PathLike, providers_: Sequence[str] | None,
-             level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = level
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers_ or [CPU]))
-
-
-def _run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    adapted = {}
-    for arg in session.get_inputs():
-        if arg.name in feeds:
-            dtype = _ORT_TYPES.get(arg.type)
-            value = feeds[arg.name]
-            adapted[arg.name] = value.astype(dtype) if dtype is not None and value.dtype != dtype else value
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, adapted)))
+def _has_past(model) -> bool:
+    return any((v.name or "").lower().startswith("past") for v in model.graph.inputs if not v.is_initializer())
 
 
 def run_reference(model_path: str | os.PathLike, cases: Sequence[Case],
                   providers: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
     """Outputs of the original model for each case, with graph optimizations disabled."""
-    session = _session(model_path, providers, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    return [_run(session, case.feeds) for case in cases]
+    session = runtime.session(model_path, providers, runtime.DISABLE_ALL)
+    return [runtime.run(session, case.feeds) for case in cases]
 
 
 def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.PathLike, precision: str,
@@ -98,11 +78,11 @@ def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.Pat
         raise ValueError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
     if reference_outputs is None:
         reference_outputs = run_reference(reference_path, cases, providers)
-    session = _session(candidate_path, providers, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    session = runtime.session(candidate_path, providers, runtime.ENABLE_ALL)
     per_output: dict[str, float] = {}
     worst = (False, -1.0, "", "")  # (failed, diff, output, case): the largest wins
     for case, expected in zip(cases, reference_outputs):
-        got = _run(session, case.feeds)
+        got = runtime.run(session, case.feeds)
         for name, ref in expected.items():
             diff, ok = _compare(ref, got.get(name), precision)
             per_output[name] = max(per_output.get(name, 0.0), diff)
@@ -110,7 +90,7 @@ def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.Pat
     failed, diff, name, case_name = worst
     return ParityResult(max_abs_diff=max(per_output.values(), default=0.0), passed=not failed,
                         worst_output=name, worst_case=case_name, provider=session.get_providers()[0],
-                        per_output=per_output)
+                        per_output=per_output, cases=tuple(c.name for c in cases))
 
 
 def _compare(ref: np.ndarray, got: np.ndarray | None, precision: str) -> tuple[float, bool]:

@@ -1,0 +1,177 @@
+"""ONNX Runtime, defined once: providers, sessions, feeds adapted to a session, IO binding.
+
+Every part of mlstep that runs a model (parity, the latency gates, the benchmark grid, the load check of
+each written variant) goes through here, so "which providers", "which optimization level" and "how is a
+load failure reported" have one answer:
+
+- :func:`providers` -- ``[CUDA, CPU]`` when asked for and CUDA really loads in a session (probed once),
+  else ``[CPU]``; :func:`require_cuda` raises ``BadInputError`` (exit 2) when CUDA does not load.
+- :func:`session` -- an ``InferenceSession`` at a given optimization level and thread count; a model that
+  ONNX Runtime refuses is one ``BadInputError`` line with ORT's own first line as the reason.
+- :func:`adapt_feeds` -- the feeds a session declares, each cast to its declared element type (int64 ids
+  for an ``input_int32`` variant become int32, float32 for a float16 input become float16).
+- :func:`make_runner` -- one call of the model; on CUDA with IO binding (inputs bound on the device once,
+  outputs in device memory), so a timing is the model and not host<->device copies.
+- :func:`load_check` -- a variant that was written must load in ONNX Runtime; if not, that is mlstep's bug
+  (``VariantLoadError``, exit 3) and the model is kept aside for the bug report.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from mlstep.errors import BadInputError, VariantLoadError
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# ONNX Runtime's input type strings -> numpy dtypes (the ones a transformer signature uses).
+ORT_DTYPES = {
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+    "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_,
+    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+}
+# Optimization levels by name (strings keep onnxruntime out of import time).
+DISABLE_ALL, ENABLE_ALL = "disable_all", "enable_all"
+
+
+def providers(use_gpu: bool) -> list[str]:
+    """[CUDA, CPU] when asked for and CUDA really loads in a session (checked once), else [CPU]."""
+    return [CUDA, CPU] if use_gpu and cuda_loads() else [CPU]
+
+
+@lru_cache(maxsize=1)
+def cuda_loads() -> bool:
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        return False
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        probe = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
+    except Exception:  # a broken CUDA install raises instead of falling back
+        return False
+    return CUDA in probe.get_providers()
+
+
+def require_cuda() -> None:
+    """Raise ``BadInputError`` (exit 2) unless CUDAExecutionProvider loads in a session here."""
+    import onnxruntime as ort
+
+    if not cuda_loads():
+        raise BadInputError(f"--require-gpu: {CUDA} did not load (onnxruntime {ort.__version__}, available: "
+                            f"{', '.join(ort.get_available_providers())}); refusing to measure on the CPU")
+
+
+def session(path: str | os.PathLike, providers_: Sequence[str] | None = None, level: str = ENABLE_ALL,
+            threads: int = 0):
+    """An ``InferenceSession`` of ``path``; ORT's refusal becomes one ``BadInputError`` line."""
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise BadInputError(f"threads must be >= 0 (got {threads})")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if level == DISABLE_ALL
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options.log_severity_level = 3          # ORT's warnings (e.g. unused initializers) are not ours to print
+    options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers_ or [CPU]))
+    except Exception as err:                # ORT raises its own types; one line is what the user needs
+        raise BadInputError(f"{Path(path).name}: ONNX Runtime cannot load it ({first_line(err)})") from err
+
+
+def adapt_feeds(session_, feeds: Mapping[str, np.ndarray], strict: bool = True) -> dict[str, np.ndarray]:
+    """The feeds ``session_`` declares, each cast to the declared element type.
+
+    ``strict``: a declared input without a feed is an error; otherwise it is left out (ORT then says so).
+    """
+    adapted = {}
+    for arg in session_.get_inputs():
+        if arg.name not in feeds:
+            if strict:
+                raise BadInputError(f"no feed for model input {arg.name!r}")
+            continue
+        value = np.asarray(feeds[arg.name])
+        dtype = ORT_DTYPES.get(arg.type)
+        adapted[arg.name] = value.astype(dtype) if dtype is not None and value.dtype != dtype else value
+    return adapted
+
+
+def run(session_, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """All outputs by name, on feeds adapted to the session (missing feeds left to ORT to report)."""
+    names = [o.name for o in session_.get_outputs()]
+    return dict(zip(names, session_.run(names, adapt_feeds(session_, feeds, strict=False))))
+
+
+def intra_op_threads(threads: int = 0) -> int:
+    """The intra-op thread count a session made with ``threads`` uses (ORT's default: physical cores)."""
+    if threads > 0:
+        return threads
+    try:
+        import psutil
+
+        return int(psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return int(os.cpu_count() or 1)
+
+
+def uses_io_binding(session_) -> bool:
+    """True when :func:`make_runner` times this session with IO binding (its first provider is CUDA)."""
+    return session_.get_providers()[0] == CUDA
+
+
+def make_runner(session_, feeds: dict[str, np.ndarray]) -> Callable[[], object]:
+    """One call of the model: ``session.run`` with host arrays, or on CUDA ``run_with_iobinding`` with the
+    inputs copied to the device once and the outputs bound to device memory (ORT synchronizes the device at
+    the end of a run, so the wall time covers the kernels)."""
+    if not uses_io_binding(session_):
+        return lambda: session_.run(None, feeds)
+    import onnxruntime as ort
+
+    binding = session_.io_binding()
+    # Keep the device copies alive as long as the runner: the binding holds raw pointers to them.
+    device_inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
+                     for name, value in feeds.items()}
+    for name, value in device_inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for output in session_.get_outputs():
+        binding.bind_output(output.name, "cuda", 0)
+
+    def call():
+        session_.run_with_iobinding(binding)
+        return device_inputs
+
+    return call
+
+
+def load_check(path: str | os.PathLike, name: str, providers_: Sequence[str] | None = None) -> None:
+    """A written variant must load in ONNX Runtime. If it does not, mlstep wrote a broken model: the variant's
+    folder is copied aside (for the bug report) and ``VariantLoadError`` (exit 3) says where."""
+    try:
+        session(path, providers_, ENABLE_ALL)
+    except BadInputError as err:
+        kept = Path(tempfile.mkdtemp(prefix=f"mlstep-bug-{name}-"))
+        shutil.copytree(Path(path).parent, kept / name, dirs_exist_ok=True)
+        reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+        raise VariantLoadError(f"the {name} variant mlstep wrote does not load in ONNX Runtime ({reason}); "
+                               f"this is a bug in mlstep: please report it with the model kept at {kept / name}") \
+            from err
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0][:limit] if lines else type(err).__name__
