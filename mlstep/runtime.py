@@ -60,10 +60,15 @@ def cuda_loads() -> bool:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    # A CUDA that fails to load is logged by ORT's default logger (several lines on stderr); the caller says
+    # it in one line. ORT has no getter: restore its default level (warning) afterwards.
+    ort.set_default_logger_severity(4)
     try:
         probe = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
     except Exception:  # a broken CUDA install raises instead of falling back
         return False
+    finally:
+        ort.set_default_logger_severity(2)
     return CUDA in probe.get_providers()
 
 
