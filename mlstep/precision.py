@@ -101,6 +101,7 @@ class _Converter:
         self.inferred: dict[ir.Value, ir.DataType] = {}
         self.names = {v.name for g in self.graphs for v in _graph_values(g) if v.name}
         self.casts: dict[tuple[ir.Value, ir.DataType], ir.Value] = {}
+        self.wide = _beyond_fp16_nodes(self.graphs)
 
     # -- facts ---------------------------------------------------------------------------------------
     def dtype(self, value: ir.Value | None) -> ir.DataType | None:
@@ -109,7 +110,7 @@ class _Converter:
         return value.dtype if value.dtype is not None else self.inferred.get(value)
 
     def is_blocked(self, node: ir.Node) -> bool:
-        return node.op_type in self.blocked
+        return node.op_type in self.blocked or node in self.wide
 
     def stays_fp32(self, value: ir.Value) -> bool:
         """A float32 value that keeps its type (before conversion)."""
@@ -238,6 +239,75 @@ class _Converter:
             candidate, i = f"{name}_{i}", i + 1
         self.names.add(candidate)
         return candidate
+
+
+# Ops through which a value beyond the float16 range (a mask fill such as finfo(float32).min) is carried
+# unchanged in magnitude to the Softmax that normalizes it.
+_CARRIERS = frozenset({"Where", "Add", "Sub", "Mul", "Neg", "Min", "Max", "Expand", "Reshape", "Unsqueeze",
+                       "Squeeze", "Concat", "Slice", "Transpose", "Identity", "Cast", "Tile", "Gather"})
+_NORMALIZERS = frozenset({"Softmax", "LogSoftmax"})
+
+
+def _beyond_fp16_nodes(graphs: list[ir.Graph]) -> set[ir.Node]:
+    """Nodes that must compute in float32 to keep the source's semantics: those that carry a finite float
+    constant beyond +-65504 (a mask fill such as ``finfo(float32).min``) to a Softmax, and that Softmax.
+
+    In float32, ``scores + finfo.min`` is the same number for every key of a fully masked row, so Softmax
+    gives a uniform row; in float16 the fill clips to -65504 and ``-65504 + score`` rounds to -65504, -65472
+    or -inf depending on the score: a different, non-uniform row. Constants are found among initializers
+    and ``Constant`` nodes; the walk follows ``_CARRIERS`` and stops at any other op (a fill that never
+    reaches a Softmax is clipped as usual).
+    """
+    frontier: list[ir.Value] = []
+    for graph in graphs:
+        candidates = list(graph.initializers.values())
+        candidates += [n.outputs[0] for n in graph if n.op_type == "Constant" and n.outputs]
+        for value in candidates:
+            data = _constant_array(value)
+            if data is not None and data.dtype == np.float32 and data.size:
+                finite = data[np.isfinite(data)]
+                if finite.size and float(np.abs(finite).max()) > FP16_MAX:
+                    frontier.append(value)
+    chain: set[ir.Node] = set()
+    reaches: set[ir.Node] = set()
+    seen: set[ir.Value] = set()
+    parents: dict[ir.Node, set[ir.Node]] = {}
+    stack = [(v, None) for v in frontier]
+    while stack:
+        value, via = stack.pop()
+        for node, _ in value.uses():
+            if via is not None:
+                parents.setdefault(node, set()).add(via)
+            if node.op_type in _NORMALIZERS:
+                reaches.add(node)
+            elif node.op_type in _CARRIERS and node not in chain:
+                chain.add(node)
+                stack += [(out, node) for out in node.outputs if out not in seen]
+                seen.update(node.outputs)
+    # Keep only the carriers on a path to a Softmax (and the Softmax itself).
+    keep: set[ir.Node] = set(reaches)
+    todo = list(reaches)
+    while todo:
+        node = todo.pop()
+        for parent in parents.get(node, ()):
+            if parent in chain and parent not in keep:
+                keep.add(parent)
+                todo.append(parent)
+    return keep
+
+
+def _constant_array(value: ir.Value) -> np.ndarray | None:
+    if value.const_value is not None and value.is_initializer():
+        try:
+            return value.const_value.numpy()
+        except Exception:  # external data that cannot be read here: not a mask fill
+            return None
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].value.numpy()
+    if node is not None and node.op_type == "Constant" and "value_float" in node.attributes:
+        return np.asarray([node.attributes["value_float"].value], np.float32)
+    return None
 
 
 def _graph_values(graph: ir.Graph) -> list[ir.Value]:

@@ -149,6 +149,10 @@ def _fit(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
                            shape).copy()
 
 
+# Ops that move index values without changing them (GPT-2 reshapes input_ids before its Gather).
+_INDEX_PRESERVING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand")
+
+
 def _table_rows(value: ir.Value, default: int) -> int:
     """Rows of the embedding table this index input selects from (through Casts), else ``default``."""
     frontier, seen = [value], set()
@@ -159,7 +163,7 @@ def _table_rows(value: ir.Value, default: int) -> int:
         seen.add(v)
         for node, index in v.uses():
             table = None
-            if node.op_type == "Cast":
+            if node.op_type == "Cast" or (node.op_type in _INDEX_PRESERVING and index == 0):
                 frontier.extend(node.outputs)
             elif node.op_type == "Gather" and index == 1:
                 table = node.inputs[0]
