@@ -145,3 +145,47 @@ def test_providers_only_lists_cuda_when_it_loads():
 def test_case_is_a_plain_dataclass():
     case = Case("x", {"a": np.zeros(1)})
     assert case.name == "x" and set(case.feeds) == {"a"}
+
+
+# ----------------------------------------------------------------- parity that short sequences can't fool
+
+def test_parity_cases_cover_the_users_shape_a_long_one_and_past(exported, exported_gpt2):
+    from mlstep.validate.parity import LONG_SEQUENCE, parity_cases
+
+    bert = parity_cases(ir.load(exported(BERT)), batch=2, sequence=8)
+    assert [c.name for c in bert] == [f"s{n}/{p}" for n in (8, LONG_SEQUENCE)
+                                      for p in ("no-padding", "right-padded", "left-padded")]
+    assert bert[-1].feeds["input_ids"].shape == (2, 64) and LONG_SEQUENCE >= 64
+    assert [c.name for c in parity_cases(ir.load(exported(BERT)), sequence=80)][:1] == ["s80/no-padding"]
+    assert len(parity_cases(ir.load(exported(BERT)), sequence=80)) == 3          # already long
+
+    gpt2 = parity_cases(ir.load(exported_gpt2("lm", "torchscript", 14, "sdpa", True)), batch=2, sequence=8)
+    names = [c.name for c in gpt2]
+    for past in (1, 17):
+        for new in (1, 8):
+            assert f"past{past}+{new}/left-padded" in names
+            case = next(c for c in gpt2 if c.name == f"past{past}+{new}/left-padded")
+            assert case.feeds["input_ids"].shape == (2, new)
+            assert case.feeds["attention_mask"].shape == (2, past + new)
+            assert case.feeds["attention_mask"][1, 0] == 0 and case.feeds["attention_mask"][1, -1] == 1
+            key = next(k for k in case.feeds if k.startswith("past"))
+            assert case.feeds[key].shape[-2] == past
+
+
+def test_a_model_wrong_only_beyond_short_positions_fails_parity(exported, tmp_path):
+    """Near miss for the short-probe defect: position rows >= 8 perturbed. The user's shape (8) alone passes;
+    the long case catches it."""
+    from mlstep.validate.parity import parity_cases
+
+    src = exported(BERT)
+    model = ir.load(src)
+    table = next(v for name, v in model.graph.initializers.items() if "position_embeddings" in name)
+    data = table.const_value.numpy().copy()
+    data[8:] *= -1.0                       # (a constant shift would vanish in the LayerNorm)
+    table.const_value = ir.tensor(data, name=table.name)
+    ir.save(model, tmp_path / "late.onnx")
+    cases = parity_cases(ir.load(src), batch=2, sequence=8)
+    short = [c for c in cases if c.name.startswith("s8/")]
+    assert check_parity(src, tmp_path / "late.onnx", "fp32", short).passed
+    result = check_parity(src, tmp_path / "late.onnx", "fp32", cases)
+    assert not result.passed and result.worst_case.startswith("s64/")
