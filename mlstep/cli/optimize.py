@@ -1,7 +1,7 @@
 """``mlstep optimize``: wires flags to ``OptimizeOptions`` + ``StepSettings`` and calls ``mlstep.step.run``.
 
 Progress goes to stderr: a live display when stderr is a terminal; when it is not (CI logs, pipes) one
-plain line per finished stage with ``--verbose`` and nothing otherwise, so a failed run in a script
+plain line per started and per finished stage with ``--verbose`` and nothing otherwise, so a failed run in a script
 prints exactly one line (the error). The summary (per-variant fusions, parity, latency) goes to stdout.
 """
 from __future__ import annotations
@@ -203,8 +203,10 @@ class _RichProgress:
 
 
 class _PlainProgress:
+    """``--verbose`` without a terminal (CI logs): a line when a stage starts and one when it ends."""
+
     def start(self, stage: str, detail: str = "") -> None:
-        pass
+        print(f"mlstep: {stage} ...", file=sys.stderr, flush=True)
 
     def done(self, stage: str, seconds: float, detail: str = "") -> None:
         print(f"mlstep: {stage}: {detail + ' ' if detail else ''}({seconds:.2f}s)", file=sys.stderr, flush=True)
