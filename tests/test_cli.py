@@ -236,16 +236,24 @@ def test_optimize_bert_writes_the_contract_layout(exported, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.mlstep-")]
 
 
-def test_nothing_to_fuse_still_gets_variants(tmp_path):
+def test_nothing_to_fuse_still_gets_variants_and_is_not_passed_as_optimized(tmp_path):
+    from mlstep.optimizer import optimize_file
+
     source = tiny_model(tmp_path / "m.onnx")
     output = tmp_path / "out"
     proc = mlstep("optimize", source, "-o", output, "--verbose", "--skip-benchmark")
-    assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "no fusions applied" in proc.stdout
     report = read_report(output)
     assert set(report["variants"]) == {"fp32", "fp16"}
     assert all(v["fusions"] == {} for v in report["variants"].values())
     assert "No fusions applied" in (output / "report.md").read_text()
+    if optimize_file(source).coverage:      # the optimizer reports what it detected: nothing -> the gate fails
+        assert proc.returncode == 1, proc.stderr + proc.stdout
+        assert proc.stderr.splitlines()[-1].startswith("mlstep: error: gate failed: coverage (nothing found to fuse")
+        assert report["coverage"]["state"] == "failed"
+    else:                                   # no coverage reported: the gate is not_gated, the step passes
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        assert report["coverage"]["state"] == "not_gated"
 
 
 def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
@@ -274,3 +282,23 @@ def test_mlflow_model_directory_source(tmp_path):
     assert report["source"].endswith("model.onnx")
     gate = report["variants"]["fp32"]["gate"]
     assert (gate["parity"], gate["latency"], gate["passed"]) == ("skipped", "skipped", True)
+
+
+def test_an_fp16_source_gets_no_fake_fp32_variant(exported, tmp_path):
+    """Variants are named by what they are: an fp16 source's optimized graph is the fp16 variant (fp16
+    tolerances); asking only for fp32 is a usage error."""
+    import onnx_ir as ir
+
+    from mlstep.precision import to_fp16
+
+    source = tmp_path / "bert-fp16.onnx"
+    ir.save(to_fp16(ir.load(exported(ExportSpec("bert")))), source)
+    output = tmp_path / "out"
+    proc = mlstep("optimize", source, "-o", output, "--skip-benchmark", "--allow-partial-fusion")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    report = read_report(output)
+    assert list(report["variants"]) == ["fp16"] and not (output / "fp32").exists()
+    assert report["variants"]["fp16"]["parity"]["passed"] is True
+    assert any("no fp32 variant" in note for note in report["notes"])
+    proc = mlstep("optimize", source, "-o", tmp_path / "only32", "-p", "fp32", "--skip-benchmark")
+    assert_bad_input(proc, tmp_path / "only32", "already float16", "--precision fp16")

@@ -229,7 +229,7 @@ def run_grid(source_path: str | Path, settings: GridSettings = GridSettings(), o
     from mlstep.bench.gates import has_past, shaped_feeds
     from mlstep.bench.latency import intra_op_threads
     from mlstep.optimizer import OptimizeOptions, io as model_io
-    from mlstep.runtime import providers as loadable_providers
+    from mlstep.runtime import CUDA, providers as loadable_providers
 
     settings = settings.checked()
     options = options or OptimizeOptions(use_gpu=settings.use_gpu)
@@ -242,7 +242,7 @@ def run_grid(source_path: str | Path, settings: GridSettings = GridSettings(), o
     if settings.torch_model:
         if past:
             raise UsageError("--torch: models with past inputs are not timed in torch yet (no cache mapping)")
-        torch_model = load_torch_model(settings.torch_model, cuda=providers[0] == "CUDAExecutionProvider",
+        torch_model = load_torch_model(settings.torch_model, cuda=providers[0] == CUDA,
                                        seed=settings.seed)
 
     shapes = [(b, col) for b in settings.batch_sizes for col in columns]
@@ -258,7 +258,7 @@ def run_grid(source_path: str | Path, settings: GridSettings = GridSettings(), o
         torch_engines = []
         if torch_model is not None:
             torch_engines = [(TORCH_EAGER, "fp32")]
-            if providers[0] == "CUDAExecutionProvider":
+            if providers[0] == CUDA:
                 torch_engines.append((TORCH_EAGER, "fp16"))
         total = (len(engines) + len(torch_engines)) * len(shapes)
         cells, done, env = [], 0, {}
