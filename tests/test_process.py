@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 from mlstep import outdir, step
 from mlstep.errors import Interrupted, OutputError, UsageError, VariantLoadError
 from mlstep.export import ExportSpec
-from test_cli import MLSTEP, assert_bad_input, mlstep, tiny_model
+from test_cli import MLSTEP, assert_bad_input, mlstep
 
 BERT = ExportSpec("bert")
 QUICK = ("-p", "fp32", "--skip-benchmark")

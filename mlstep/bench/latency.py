@@ -16,7 +16,7 @@ become int32; float32 given to a float16 input become float16), so one set of fe
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence  # noqa: F401
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

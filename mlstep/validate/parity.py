@@ -6,7 +6,13 @@ Tolerances (per output, per case; outputs matched by name):
 NaN anywhere (reference or candidate), a missing output or a shape mismatch fails; their difference is
 reported as ``inf`` so that reports stay valid JSON. Integer and bool outputs must match exactly.
 Feeds are adapted to each session's signature (dtype cast, inputs the model no longer has dropped), so a
-candidate with int32 ids or float16 inputs is fed the same values as the reference.
+candidate with int32 ids or float16 inputs is fed the same values as the reference. Sessions come from
+:mod:`mlstep.runtime`.
+
+Cases (:func:`parity_cases`): a fusion accepted on short probes can be wrong at other lengths (a sliding-
+window mask fused as plain causal attention is exact up to its window), so parity runs at the user's
+shape, at a long sequence (``LONG_SEQUENCE`` = 64) and, for a model with past inputs, at past {1, 17} x
+new tokens {1, 8} with left padding; each with masks padded right and left (batch >= 2).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from mlstep import runtime
-from mlstep.runtime import CPU, CUDA, providers
+from mlstep.runtime import CPU, CUDA, providers  # noqa: F401 (re-exported: callers import them from here)
 from mlstep.validate.inputs import Case, synthesize_inputs
 
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-3
