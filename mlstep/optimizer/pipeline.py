@@ -10,10 +10,10 @@ import onnx_ir.passes.common as common
 
 from mlstep.errors import UsageError
 from mlstep.optimizer import io
-from mlstep.optimizer.coverage import BlockCoverage
+from mlstep.optimizer.coverage import EXPLAINED_BY, BlockCoverage, census, tally
 from mlstep.optimizer.detect import Detected, detect
 from mlstep.optimizer.fusions import FUSION_ORDER
-from mlstep.optimizer.fusions._base import MS_DOMAIN, FusionContext, FusionLog, run_fusion
+from mlstep.optimizer.fusions._base import MS_DOMAIN, FusionContext, FusionLog, explain_misses, run_fusion
 from mlstep.optimizer.options import OptimizeOptions
 from mlstep.optimizer.passes import input_int32, ort_prepass, prepare, count_fused_ops
 
@@ -32,9 +32,21 @@ class OptimizeResult:
         return self.detected.model_type
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{entry.name}: fused {entry.fused}" for entry in self.log]
+        """Coverage per block kind (``attention 1/2: layer 1: <reason>``), then each fusion's count; a fusion
+        that fused nothing says why (its refusals, its kind's miss, or that the graph has no such form)."""
+        lines = [c.line() for c in self.coverage.values() if c.detected or c.fused]
+        misses = {name: c.misses[0] for c in self.coverage.values() if c.misses
+                  for name in EXPLAINED_BY.get(c.kind, ())}
+        for entry in self.log:
+            line = f"{entry.name}: fused {entry.fused}"
+            if not entry.fused:
+                first = entry.refused[0].split(": ", 1)[-1] if entry.refused else None
+                line += f" ({first or misses.get(entry.name) or 'nothing (left) of this form in the graph'})"
+            lines.append(line)
         for entry in self.log:
             lines += [f"  refused: {reason}" for reason in entry.refused]
+        for c in self.coverage.values():
+            lines += [f"  unfused {c.kind}: {miss}" for miss in c.misses[1:]]
         return lines
 
 
@@ -47,6 +59,7 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
         model = ort_prepass(model, options.opt_level, options.use_gpu, source_dir)
     prepare(model)
     detected = detect(model, options)
+    blocks = census(model, detected.model_type)     # the blocks to fuse, counted before any fusion
     ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu)
     log = []
     for fusion in FUSION_ORDER:
@@ -54,10 +67,28 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
             log.append(FusionLog(fusion.title, refused=["disabled by option"]))
             continue
         log.append(run_fusion(fusion, model, ctx, explain=options.verbose))
+    coverage = tally(blocks, model, count_fused_ops(model), _miss_reasons(model, ctx, log))
     if options.input_int32:
         input_int32(model)
     _cleanup(model)
-    return OptimizeResult(model, detected, count_fused_ops(model), log, time.perf_counter() - start)
+    return OptimizeResult(model, detected, count_fused_ops(model), log, time.perf_counter() - start, coverage)
+
+
+def _miss_reasons(model: ir.Model, ctx: FusionContext, log: list[FusionLog]):
+    """kind -> the refusals that explain its unfused blocks: from the log (verbose), else traced when asked
+    (only for a kind that missed a block: a fully fused model pays nothing)."""
+    by_title = {entry.name: entry for entry in log}
+    by_name = {f.title: f for f in FUSION_ORDER}
+
+    def reasons(kind: str) -> list[str]:
+        titles = [t for t in EXPLAINED_BY[kind] if t in by_title and t in by_name]
+        lines = [line for t in titles
+                 for line in (by_title[t].refused or explain_misses(by_name[t], model, ctx))]
+        if not lines:   # no check was reached: say where the layout stopped matching
+            lines = [line for t in titles for line in explain_misses(by_name[t], model, ctx, unmatched=True)]
+        return lines
+
+    return reasons
 
 
 def optimize_file(path: str | Path, options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:

@@ -3,7 +3,9 @@
 Fusions use it where a structural match cannot prove semantics: the additive attention mask (is it exactly
 a padding mask built from one 2-D input, whatever ops the exporter used to build it?) and position ids
 (are they exactly ``arange(sequence)``?). The subgraph of the value's ancestors is cut out, run in ONNX
-Runtime on a few crafted inputs, and compared with the semantics the fused operator assumes.
+Runtime on a few crafted inputs, and compared with the semantics the fused operator assumes. Masks are probed
+at short and long total lengths (one >= ``LONG_PROBE``): a mask that equals the assumed one only on short
+sequences (a sliding window of width 10) is refused, not fused.
 """
 from __future__ import annotations
 
@@ -99,6 +101,14 @@ def _masks(batch: int, seq: int) -> np.ndarray:
     return np.stack(rows)
 
 
+# Probe lengths: short ones and at least one >= LONG_PROBE, so that a mask that departs from the assumed one
+# only beyond some distance (a sliding window, a chunked or blockwise mask) is seen doing so. (batch, sequence)
+LONG_PROBE = 64
+PADDING_PROBES = ((3, 6), (4, 9), (3, 70))
+# (batch, new tokens, past tokens): with past, past 0 and > 0, one step and several, totals up to 73
+CAUSAL_PROBES_WITH_PAST = ((3, 4, 3), (2, 1, 5), (2, 1, 72), (3, 5, 66), (2, 70, 0))
+CAUSAL_PROBES = ((3, 5, 0), (2, 7, 0), (3, 70, 0))
+
 SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
 
 
@@ -140,7 +150,7 @@ def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | Non
     if source is None:
         return None, 0.0, reason
     feeds_list, masks = [], []
-    for batch, seq in ((3, 6), (4, 9)):
+    for batch, seq in PADDING_PROBES:
         mask = _masks(batch, seq)
         feeds = {}
         for v in anc.data_inputs + anc.shape_inputs:
@@ -210,7 +220,7 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
         return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
-    shapes = [(3, 4, 3), (2, 1, 5)] if has_past else [(3, 5, 0), (2, 7, 0)]
+    shapes = CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
     feeds_list, masks = [], []
     for batch, seq, past in shapes:
         mask = _masks(batch, past + seq)

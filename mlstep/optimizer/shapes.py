@@ -59,8 +59,16 @@ def rebase_shapes(model: ir.Model) -> int:
 
 def _input_dims(graph: ir.Graph) -> dict[int, Dims]:
     """The graph inputs' dims: ints, or symbolic names (an unnamed dim gets a name of its own)."""
-    return {id(inp): [d if isinstance(d, int) else (d.value or f"{inp.name}:{j}") for j, d in enumerate(inp.shape)]
+    return {id(inp): [d if isinstance(d, int) else _spelling(d.value) or f"{inp.name}:{j}" for j, d in enumerate(inp.shape)]
             for inp in graph.inputs if inp.shape is not None}
+
+
+def _spelling(name: str | None) -> str | None:
+    """One spelling per symbolic sum: ``"past_sequence_length + sequence_length"`` (Optimum) is the same dim
+    as this module's ``"past_sequence_length+sequence_length"``; ``-1`` / ``"?"`` spell unknown."""
+    if not name or name in ("-1", "?"):
+        return None
+    return _dim_sum([t.strip() for t in name.split("+")]) if "+" in name else name
 
 
 def _materialise(graph: ir.Graph, before: ir.Node, content: list[Dim], where):
@@ -98,14 +106,74 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return [int(x) for x in arr.reshape(-1)]
 
 
+def _const_numbers(value: ir.Value | None) -> list[int | float] | None:
+    """A small (<= 8 entries, rank <= 1) numeric constant: ints stay ints (integer dtypes), floats floats."""
+    arr = const_array(value)
+    if arr is None or arr.ndim > 1 or arr.size > 8 or arr.dtype.kind not in "iuf":
+        return None
+    return [int(x) for x in arr.reshape(-1)] if arr.dtype.kind in "iu" else [float(x) for x in arr.reshape(-1)]
+
+
 def _content(value: ir.Value | None, vals) -> list[Dim] | None:
     if value is None:
         return None
     ints = _const_ints(value)
-    return ints if ints is not None else vals.get(id(value))
+    if ints is not None:
+        return ints
+    numbers = _const_numbers(value)
+    return numbers if numbers is not None else vals.get(id(value))
 
 
-def _broadcast(all_dims: list[Dims]) -> Dims:
+def _numeric(content) -> bool:
+    return content is not None and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in content)
+
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+
+
+def _fold_numbers(node: ir.Node, vals: dict) -> None:
+    """Arithmetic on small numeric contents (the runtime attention scale ``1 / sqrt(float(Shape(Q)[-1]))``
+    once the head size is known): ints follow ONNX integer semantics, floats are kept in float64."""
+    op = node.op_type
+    contents = [_content(v, vals) for v in node.inputs if v is not None]
+    if not contents or not all(_numeric(c) for c in contents) or not node.outputs:
+        return
+    if op == "Cast":
+        to = ir.DataType(node.attributes.get_int("to", 1))
+        vals[id(node.outputs[0])] = [float(c) for c in contents[0]] if to in _FLOAT_TYPES else \
+            [int(c) for c in contents[0]]
+        return
+    unary = {"Sqrt": np.sqrt, "Reciprocal": lambda x: 1.0 / x, "Neg": np.negative}
+    binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Pow": np.power, "Max": np.maximum,
+              "Min": np.minimum}
+    if op in unary and len(contents) == 1 and all(isinstance(c, float) for c in contents[0]):
+        if op == "Sqrt" and any(c < 0 for c in contents[0]):
+            return
+        vals[id(node.outputs[0])] = [float(x) for x in unary[op](np.array(contents[0], dtype=np.float64))]
+    elif (op in binary or op == "Div") and len(contents) == 2:
+        a, b = contents
+        if len(a) != len(b) and 1 not in (len(a), len(b)):
+            return
+        ints = all(isinstance(c, int) for c in a + b)
+        if ints != any(isinstance(c, int) for c in a + b):
+            return   # mixed ints and floats: not a well-typed ONNX op, leave it alone
+        width = max(len(a), len(b))
+        a, b = (a * width if len(a) == 1 else a), (b * width if len(b) == 1 else b)
+        if op == "Div":
+            if any(y == 0 for y in b):
+                return
+            out = [int(x / y) if ints else x / y for x, y in zip(a, b)]   # ONNX integer Div truncates
+        elif op == "Pow" and ints:
+            return
+        else:
+            out = [binary[op](x, y) for x, y in zip(a, b)]
+            out = [int(x) if ints else float(x) for x in out]
+        vals[id(node.outputs[0])] = out
+
+
+def _broadcast(all_dims: list[Dims], eq=None) -> Dims:
+    """Numpy broadcasting of dims; with ``eq`` (values.DimEq), the non-1 dims meeting on one axis are unified
+    (a valid run has them equal)."""
     if any(d is None for d in all_dims):
         return None
     rank = max(len(d) for d in all_dims)
@@ -113,6 +181,10 @@ def _broadcast(all_dims: list[Dims]) -> Dims:
     for i in range(rank):
         cands = [d[len(d) - rank + i] for d in all_dims if len(d) - rank + i >= 0]
         known = [c for c in cands if c != 1]
+        if eq is not None:
+            for a, b in zip(known, known[1:]):
+                eq.union(a, b)
+            known = [eq.find(c) for c in known]
         if not known:
             out.append(1)
         elif any(c is None for c in known):
@@ -123,14 +195,17 @@ def _broadcast(all_dims: list[Dims]) -> Dims:
     return out
 
 
-def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a table of small cases
+def _infer(node: ir.Node, dims: dict, vals: dict, eq=None) -> None:  # noqa: C901 - a table of small cases
+    """Dims (and small contents) of ``node``'s outputs from its inputs'. ``eq`` (values.DimEq), when given,
+    collects the dim equalities the op's semantics imply and canonicalises what is read."""
     op = node.op_type
     ins = node.inputs
-    d = [dims.get(id(v)) if v is not None else None for v in ins]
     for v in ins:  # constants know their shape
         if v is not None and id(v) not in dims and v.const_value is not None:
             dims[id(v)] = list(v.const_value.shape)
     d = [dims.get(id(v)) if v is not None else None for v in ins]
+    if eq is not None:
+        d = [None if x is None else [eq.find(y) for y in x] for x in d]
     out: Dims = None
     attr = node.attributes
     if node.domain not in ("", "ai.onnx"):
@@ -140,7 +215,7 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
         if op == "Cast" and _content(ins[0], vals) is not None:
             vals[id(node.outputs[0])] = _content(ins[0], vals)
     elif op in _BROADCAST:
-        out = _broadcast([x for x in d])
+        out = _broadcast([x for x in d], eq)
         if op == "Add" and all(_content(v, vals) is not None and len(_content(v, vals)) == 1 for v in ins):
             vals[id(node.outputs[0])] = [_dim_sum([_content(v, vals)[0] for v in ins])]   # past + sequence
         if op == "Where":  # Where(Equal(x, -1s), 1s, x) on a shape vector whose entries are all sizes: x
@@ -162,8 +237,10 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
         if content is not None and idx is not None and idx and all(-len(content) <= i < len(content) for i in idx):
             vals[id(node.outputs[0])] = [content[i] for i in idx]   # one index or a list (TF's GatherV2)
     elif op == "MatMul" and d[0] is not None and d[1] is not None and len(d[0]) >= 2 and len(d[1]) >= 2:
-        batch = _broadcast([d[0][:-2], d[1][:-2]]) if (d[0][:-2] or d[1][:-2]) else []
+        batch = _broadcast([d[0][:-2], d[1][:-2]], eq) if (d[0][:-2] or d[1][:-2]) else []
         out = None if batch is None else batch + [d[0][-2], d[1][-1]]
+        if eq is not None:
+            eq.union(d[0][-1], d[1][-2])   # the contracted axis
     elif op == "Transpose" and d[0] is not None:
         perm = attr.get_ints("perm", list(reversed(range(len(d[0])))))
         out = [d[0][p] for p in perm]
@@ -198,13 +275,20 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
         contents = [_content(v, vals) for v in ins]
         if all(c is not None for c in contents):
             vals[id(node.outputs[0])] = [x for c in contents for x in c]
-        if all(x is not None for x in d):
+        if all(x is not None for x in d) and len({len(x) for x in d}) == 1:
             axis = attr.get_int("axis", 0) % len(d[0])
             out = list(d[0])
             out[axis] = _dim_sum([x[axis] for x in d])
+            if eq is not None:   # every other axis is the same in all pieces
+                for i in range(len(out)):
+                    for x in d[1:]:
+                        if i != axis:
+                            eq.union(d[0][i], x[i])
     elif op in ("Reshape", "Expand", "ConstantOfShape"):
         shape_in = ins[0] if op == "ConstantOfShape" else ins[1]
         content = _content(shape_in, vals)
+        if eq is not None and content is not None:
+            content = [eq.find(c) if isinstance(c, str) else c for c in content]
         if op == "Reshape" and _const_ints(ins[1]) == [-1] and _content(ins[0], vals) is not None:
             vals[id(node.outputs[0])] = _content(ins[0], vals)
         if content is not None:
@@ -216,7 +300,7 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
                 if content.count(-1) == 1 and d[0] is not None:
                     out[content.index(-1)] = _solve_minus_one(d[0], [x for x in out if x is not None])
             elif op == "Expand":
-                out = _broadcast([d[0], content])
+                out = _broadcast([d[0], content], eq)
             else:
                 out = list(content)
     elif op in ("GlobalAveragePool", "GlobalMaxPool") and d[0] is not None and len(d[0]) >= 3:
@@ -267,11 +351,12 @@ def _infer(node: ir.Node, dims: dict, vals: dict) -> None:  # noqa: C901 - a tab
                 starts = np.cumsum([0] + sizes[:-1]).tolist()
                 for value, start, size in zip(node.outputs, starts, sizes):
                     vals[id(value)] = content[start:start + size]
-    elif op == "Range":
-        start, delta = _const_ints(ins[0]), _const_ints(ins[2])
-        limit = _content(ins[1], vals)
-        if start == [0] and delta == [1] and limit is not None and len(limit) == 1:
-            out = [limit[0]]
+    elif op == "Range":   # Range(start, limit, 1): limit - start entries; start may be symbolic (past length)
+        start, limit, delta = (_content(v, vals) for v in ins[:3])
+        if delta == [1] and start is not None and limit is not None and len(start) == 1 and len(limit) == 1:
+            out = [_dim_diff(limit[0], start[0])]
+    if node.domain in ("", "ai.onnx"):
+        _fold_numbers(node, vals)
     if out is not None and node.outputs:
         dims[id(node.outputs[0])] = out
         value = node.outputs[0]
@@ -318,7 +403,7 @@ def infer_dims(graph: ir.Graph | ir.Function, values: list[ir.Value]) -> list[Di
     missing = []
     for i, value in enumerate(values):
         if value.shape is not None and all(isinstance(d, int) or d.value for d in value.shape):
-            out[i] = [d if isinstance(d, int) else d.value for d in value.shape]
+            out[i] = [d if isinstance(d, int) else _spelling(d.value) for d in value.shape]
         else:
             missing.append(i)
     if not missing:
@@ -361,12 +446,38 @@ def infer_content(graph: ir.Graph | ir.Function, value: ir.Value) -> list[Dim] |
     return None
 
 
+def _dim_diff(total: Dim, part: Dim) -> Dim:
+    """``total - part`` for symbolic sums: ``past+sequence`` - ``past`` = ``sequence``; None when unknown."""
+    if total is None or part is None or isinstance(total, float) or isinstance(part, float):
+        return None
+    if isinstance(total, int) and isinstance(part, int):
+        return total - part
+    if part == 0:
+        return total
+    terms = str(total).split("+")
+    const = sum(int(t) for t in terms if t.lstrip("-").isdigit())
+    names = [t for t in terms if not t.lstrip("-").isdigit()]
+    for t in ([part] if isinstance(part, int) else str(part).split("+")):
+        if isinstance(t, int) or t.lstrip("-").isdigit():
+            const -= int(t)
+        elif t in names:
+            names.remove(t)
+        else:
+            return None
+    if not names:
+        return const
+    if const < 0:
+        return None
+    return _dim_sum(names + ([const] if const else []))
+
+
 def _dim_sum(parts: list[Dim]) -> Dim:
     """A symbolic sum of dimensions, in one canonical spelling ("past_sequence+sequence")."""
-    if any(p is None for p in parts):
+    if any(p is None or isinstance(p, float) for p in parts):
         return None
-    const = sum(p for p in parts if isinstance(p, int))
-    terms = sorted(t for p in parts if isinstance(p, str) for t in p.split("+"))
+    terms = [t for p in parts if isinstance(p, str) for t in p.split("+")]
+    const = sum(p for p in parts if isinstance(p, int)) + sum(int(t) for t in terms if t.lstrip("-").isdigit())
+    terms = sorted(t for t in terms if not t.lstrip("-").isdigit())
     if not terms:
         return const
     return "+".join(terms + ([str(const)] if const else []))

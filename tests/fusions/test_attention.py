@@ -193,3 +193,70 @@ def test_a_row_with_nothing_to_attend_to_matches_too(exported, tmp_path, exporte
     prepare(model)
     assert run_fusion(FUSION, model, CTX).fused == 2
     assert_parity(path, model, tmp_path, masks={"empty row": [[1] * 8, [0] * 8, [0] * 3 + [1] * 5]})
+
+
+# --- the attention scale computed at run time (transformers 4.x / Optimum exports) -----------------
+
+from runtime_scale import export_encoder_runtime_scale  # noqa: E402
+
+RUNTIME_SCALE = [("bert", 14), ("bert", 17), ("distilbert", 17), ("roberta", 17), ("albert", 14)]
+
+
+@pytest.fixture(scope="session")
+def exported_runtime_scale(export_dir):
+    cache: dict[tuple, Path] = {}
+
+    def get(family: str, opset: int) -> Path:
+        if (family, opset) not in cache:
+            cache[family, opset] = export_encoder_runtime_scale(family, opset,
+                                                                export_dir / f"{family}-ts{opset}-rtscale.onnx")
+        return cache[family, opset]
+
+    return get
+
+
+def scale_chains(model: ir.Model) -> int:
+    """Mul(Q or K^T, Sqrt(...)) feeding a MatMul: the scale is computed, not a literal."""
+    return sum(1 for n in model.graph if n.op_type == "MatMul" for v in n.inputs
+               if v.producer() is not None and v.producer().op_type == "Mul"
+               and v.producer().inputs[1].producer() is not None
+               and v.producer().inputs[1].producer().op_type == "Sqrt")
+
+
+@pytest.mark.parametrize("family,opset", RUNTIME_SCALE)
+def test_runtime_scale_fuses_with_parity(exported_runtime_scale, tmp_path, family, opset):
+    path = exported_runtime_scale(family, opset)
+    model = prepare(ir.load(path))
+    assert scale_chains(model) == 4                         # Q and K^T scaled at run time, 2 layers
+    log = run_fusion(FUSION, model, CTX, explain=True)
+    assert log.fused == 2, log.refused
+    for node in attention_nodes(model):                      # 1/sqrt(8) is Attention's default scale
+        assert "scale" not in node.attributes or node.attributes.get_float("scale") == pytest.approx(8 ** -0.5)
+    assert_parity(path, model, tmp_path)
+
+
+def scale_from_sequence_axis(model: ir.Model) -> None:
+    """The runtime scale reads Shape(Q)[-2] (the sequence length) instead of [-1] (the head size): a valid
+    model whose scale changes with the input, so no constant scale exists."""
+    for node in model.graph:
+        if node.op_type == "Slice" and node.outputs[0].uses() and \
+                next(iter(node.outputs[0].uses()))[0].op_type == "Cast":
+            start = _const(np.array([-2], dtype=np.int64))
+            end = _const(np.array([-1], dtype=np.int64))
+            model.graph.insert_before(node, [start, end])
+            node.replace_input_with(1, start.outputs[0])
+            node.replace_input_with(2, end.outputs[0])
+
+
+def test_runtime_scale_from_the_sequence_axis_does_not_fuse(exported_runtime_scale, tmp_path):
+    path = exported_runtime_scale("bert", 17)
+    model = prepare(ir.load(path))
+    scale_from_sequence_axis(model)
+    edited = tmp_path / "edited.onnx"
+    ir.save(model, edited)
+    names = [i.name for i in session(path).get_inputs()]
+    feed = feeds_for(names, [row[:6] for row in MASKS["left"]])   # sequence 6 != head size 8
+    assert not np.allclose(session(edited).run(None, feed)[0], session(path).run(None, feed)[0], atol=1e-3)
+    log = run_fusion(FUSION, model, CTX, explain=True)
+    assert log.fused == 0
+    assert any("scale" in reason for reason in log.refused), log.refused

@@ -206,3 +206,81 @@ def test_near_miss_does_not_fuse(exported_gpt2, tmp_path, exporter, opset, atten
     parity = check_parity(edited, saved, "fp32", synthesize_inputs(ir.load(edited), batch=3, sequence=5,
                                                                    past_sequence=4 if with_past else 0))
     assert parity.passed, (parity.worst_output, parity.worst_case, parity.max_abs_diff)
+
+
+# --- layouts from the wild: the runtime scale (transformers 4.x), a sliding window that short probes miss -----
+
+from runtime_scale import export_gpt2_runtime_scale  # noqa: E402
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_runtime_scale_gpt2_fully_fused_with_generation_parity(export_dir, tmp_path, with_past):
+    path = export_gpt2_runtime_scale(with_past, export_dir / f"gpt2-rtscale{'-past' if with_past else ''}.onnx")
+    result = fuse(path)
+    counts = ops(result.model)
+    assert len(nodes(result.model, "MultiHeadAttention")) == 2, result.summary_lines()
+    assert counts[("", "Softmax")] == 0 and counts[("", "Sqrt")] == 0     # the scale chains are gone too
+    assert len(nodes(result.model, "SkipLayerNormalization")) == 5
+    assert_generation_parity(path, result.model, tmp_path, with_past)
+
+
+def _in_vocab(cases, vocab: int = 99):
+    """Token ids within the tiny vocabulary (the synthesized ids can reach it on long sequences)."""
+    for case in cases:
+        case.feeds["input_ids"] = case.feeds["input_ids"] % vocab
+    return cases
+
+
+def sliding_window(model: ir.Model, window: int = 10) -> None:
+    """The causal bias + tril(-1e9, k=past-window) over [S, past + S]: query i (at position past + i) sees
+    only the last ``window`` keys, past + i - window + 1 .. past + i (a sliding-window causal mask)."""
+    ids, mask = _input(model, "input_ids"), _input(model, "attention_mask")
+    one = _const(np.array(1, np.int64))
+    zero_axis = _const(np.array([0], np.int64))
+    width = _const(np.array(window, np.int64))
+    ids_shape, mask_shape = ir.node("Shape", [ids]), ir.node("Shape", [mask])
+    seq = ir.node("Gather", [ids_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
+    total = ir.node("Gather", [mask_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
+    past = ir.node("Sub", [total.outputs[0], seq.outputs[0]])
+    k = ir.node("Sub", [past.outputs[0], width.outputs[0]])
+    seq1 = ir.node("Unsqueeze", [seq.outputs[0], zero_axis.outputs[0]])
+    total1 = ir.node("Unsqueeze", [total.outputs[0], zero_axis.outputs[0]])
+    square = ir.node("Concat", [seq1.outputs[0], total1.outputs[0]], attributes={"axis": 0})
+    fill = ir.node("ConstantOfShape", [square.outputs[0]],
+                   attributes={"value": ir.tensor(np.array([-1e9], dtype=np.float32))})
+    lower = ir.node("Trilu", [fill.outputs[0], k.outputs[0]], attributes={"upper": 0})
+    _prepend(model, [one, zero_axis, width, ids_shape, mask_shape, seq, total, past, k, seq1, total1, square, fill,
+                     lower], "window")
+    for n, (add, index) in enumerate(_softmax_adds(model)):
+        banded = ir.node("Add", [add.inputs[index], lower.outputs[0]])
+        banded.outputs[0].name = f"window_bias_{n}"
+        model.graph.insert_before(add, banded)
+        add.replace_input_with(index, banded.outputs[0])
+
+
+@pytest.mark.parametrize("exporter,opset,with_past", [("torchscript", 14, True), ("dynamo", 18, False)])
+def test_sliding_window_is_not_fused_as_causal(exported_gpt2, tmp_path, exporter, opset, with_past):
+    """Window 10: the same function as plain causal attention below 10 tokens, a different one beyond. Probes
+    at short lengths only would accept it; the long probe (>= 64 tokens) must refuse it."""
+    path = exported_gpt2("lm", exporter, opset, "sdpa", with_past)
+    model = prepare(ir.load(path))
+    sliding_window(model)
+    edited = tmp_path / "window.onnx"
+    ir.save(model, edited)
+    plain, banded = _session(path), _session(edited)
+    short = synthesize_inputs(ir.load(path), batch=3, sequence=5, past_sequence=3 if with_past else 0)[2].feeds
+    long = _in_vocab(synthesize_inputs(ir.load(path), batch=3, sequence=5 if with_past else 30,
+                                       past_sequence=17 if with_past else 0))[2].feeds
+    assert np.allclose(banded.run(None, short)[0], plain.run(None, short)[0], atol=1e-5)
+    assert not np.allclose(banded.run(None, long)[0], plain.run(None, long)[0], atol=1e-3)
+    result = fuse(edited, verbose=True)
+    assert ops(result.model)[(MS_DOMAIN, "MultiHeadAttention")] == 0
+    attention = result.coverage["attention"]
+    assert (attention.fused, attention.detected) == (0, 2)
+    assert all("not zero on visible tokens" in miss for miss in attention.misses), attention.misses
+    saved = tmp_path / "fused.onnx"
+    ir.save(result.model, saved)
+    cases = _in_vocab(synthesize_inputs(ir.load(edited), batch=3, sequence=5 if with_past else 30,
+                                        past_sequence=17 if with_past else 0))
+    parity = check_parity(edited, saved, "fp32", cases)
+    assert parity.passed, (parity.worst_output, parity.worst_case, parity.max_abs_diff)

@@ -61,18 +61,35 @@ def run_fusion(fusion: Fusion, model: ir.Model, ctx: FusionContext, explain: boo
     if fusion.after is not None and log.fused:
         fusion.after(model)
     if explain:
-        tracer = pattern.MatchingTracer()
-        rules.apply_to_model(model, tracer=tracer)
-        seen: set[str] = set()
-        for rule, infos in tracer.best_matches_map.items():
-            for info in infos:
-                if info.status == MatchStatus.CONDITION_FAILED and info.match_result.reason:
-                    line = f"{rule.name or fusion.name} at {info.root_node.name or info.root_node.op_type}: " \
-                           f"{info.match_result.reason}"
-                    if line not in seen:
-                        seen.add(line)
-                        log.refused.append(line)
+        log.refused += explain_misses(fusion, model, ctx)
     return log
+
+
+def explain_misses(fusion: Fusion, model: ir.Model, ctx: FusionContext, unmatched: bool = False) -> list[str]:
+    """Why what is left did not fuse: each failed check's reason (``"<rule> at <node>: <why>"``); with
+    ``unmatched``, where no check was reached, the structural mismatch of the best partial matches. Runs the rules once more with a tracer
+    (a no-op on a graph they already rewrote), so it costs a match pass: callers ask only when needed."""
+    if fusion.anchor and not any(node.op_type == fusion.anchor for node in model.graph):
+        return []
+    rule_list = list(fusion.rules(ctx))
+    if not rule_list:
+        return ["no rules for this model type"]
+    tracer = pattern.MatchingTracer()
+    pattern.RewriteRuleSet(rule_list, commute=fusion.commute).apply_to_model(model, tracer=tracer)
+    failed, mismatched, seen = [], [], set()
+    for rule, infos in tracer.best_matches_map.items():
+        for info in infos:
+            reason = info.match_result.reason
+            if not reason or info.status not in (MatchStatus.CONDITION_FAILED, MatchStatus.NO_MATCH):
+                continue
+            where = info.root_node.name or info.root_node.op_type
+            if info.status == MatchStatus.NO_MATCH:
+                reason = f"layout not recognised ({reason})"
+            line = f"{rule.name or fusion.name} at {where}: {reason}"
+            if line not in seen:
+                seen.add(line)
+                (failed if info.status == MatchStatus.CONDITION_FAILED else mismatched).append(line)
+    return failed or (mismatched if unmatched else [])
 
 
 # --- small vocabulary shared by the pattern files -------------------------------------------------
@@ -103,17 +120,28 @@ def const_scalar(value: ir.Value | None) -> float | None:
 
 
 def attention_scale(q_scaled: bool, k_scaled: bool, s_scaling: str, q_scale, k_scale, s_scale) -> float | None:
-    """The effective softmax scale of a matched attention: the product of the constant factors applied to
-    Q, to K^T and to the scores (``s_scaling`` is "div", "mul" or "none"); None if one is not a constant."""
+    """The effective softmax scale of a matched attention: the product of the factors applied to Q, to K^T and
+    to the scores (``s_scaling`` is "div", "mul" or "none"); None if one is not the same number for every input.
+
+    The value analysis decides (values.py): a literal constant, or a scale the export computes at run time from
+    the head size (transformers 4.x: ``Mul(Q, sqrt(s))``, ``Mul(K^T, sqrt(s))`` with
+    ``s = 1 / sqrt(float(Shape(Q)[-1]))``)."""
+    from mlstep.optimizer.values import facts
+
+    used = [v for flag, v in ((q_scaled, q_scale), (k_scaled, k_scale), (s_scaling != "none", s_scale)) if flag]
+    if any(v is None for v in used):
+        return None
+    known = facts(used[0].graph, until=used) if any(const_scalar(v) is None for v in used) else None
+    scalar = known.scalar if known is not None else const_scalar
     scale = 1.0
-    for used, value in ((q_scaled, q_scale), (k_scaled, k_scale)):
-        if used:
-            factor = const_scalar(value)
+    for flag, value in ((q_scaled, q_scale), (k_scaled, k_scale)):
+        if flag:
+            factor = scalar(value)
             if factor is None:
                 return None
             scale *= factor
     if s_scaling != "none":
-        factor = const_scalar(s_scale)
+        factor = scalar(s_scale)
         if factor is None or factor == 0:
             return None
         scale = scale / factor if s_scaling == "div" else scale * factor

@@ -6,7 +6,7 @@ Handles: ``LayerNormalization(Add(a, b))`` with two non-constant activations of 
 ``Add(MatMul(..), bias)`` with a 1-D constant bias of hidden length has that bias absorbed into the 5th
 input; when the residual sum has users besides the LayerNorm (pre-LN blocks, GPT-2), they read output 3
 (input_skip_bias_sum). Refused: a constant or broadcasting addend (the embedding sum with its [1, S, H]
-position table), shapes that cannot be shown equal, a LayerNorm over another axis.
+position table), shapes that the value analysis (values.py) cannot show equal, a LayerNorm over another axis.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, vector_input, \
     vector_of
-from mlstep.optimizer.shapes import infer_dims
+from mlstep.optimizer.values import facts
 
 
 
@@ -58,13 +58,13 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
                 return result.fail("biased addend is not MatMul output + bias")
             if vector_of(bias, hidden) is None:
                 return result.fail(f"addend bias is not a 1-D constant of hidden length {hidden}")
-        dims = infer_dims(context.graph_or_function, [first, b])
-        da, db = dims[0], dims[1]
+        known = facts(context.graph_or_function, until=[first, b])   # equal dims, whatever their names
+        da, db = known.dims(first), known.dims(b)
         if da is None or db is None:
             return result.fail(f"cannot show the addends have the same shape ({da} vs {db})")
-        if len(da) not in (2, 3) or da != db or any(d is None for d in da):
+        if len(da) not in (2, 3) or not known.same_shape(first, b):
             return result.fail(f"addend shapes differ or broadcast ({da} vs {db})")
-        if da[-1] != hidden:
+        if not known.same_dim(da[-1], hidden):
             return result.fail(f"hidden size {da[-1]} differs from the LayerNorm scale length {hidden}")
         if self._sum_output:
             if not [u for u, _ in total.uses() if u is not ln] and not total.is_graph_output():
