@@ -3,12 +3,13 @@
 Runs with the Optimum fixture environment's python (tests/corpus/optimum/requirements.txt), never the
 project's: ``fusion_matrix.py`` calls it in a subprocess and checks the result in the project's environment.
 
-    <optimum venv>/bin/python benchmarks/_optimum_optimizer.py LEVEL MODEL OUT \
-        (--fixture FAMILY TASK | --config CONFIG_JSON)
+    <optimum venv>/bin/python benchmarks/_optimum_optimizer.py LEVELS MODEL OUT_DIR \
+        (--fixture FAMILY TASK | --config CONFIG_JSON)          # LEVELS: e.g. O2,O3
 
 ORTOptimizer reads a folder holding ``model.onnx`` and the transformers ``config.json``: the config comes from
 the fixture script's own ``config_for`` (Optimum fixtures) or from a JSON file (sweep rows). The optimized model
-is written to OUT; the last stdout line is ``{"out": OUT}`` or ``{"error": "..."}``.
+for each level is written to OUT_DIR/<level>.onnx; the last stdout line maps each level to its path or to
+``{"error": "..."}``.
 """
 from __future__ import annotations
 
@@ -24,40 +25,42 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "corpus" / "optimu
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("level", choices=("O1", "O2", "O3", "O4"))
+    ap.add_argument("levels", help="comma-separated: O1, O2, O3, O4")
     ap.add_argument("model")
-    ap.add_argument("out")
+    ap.add_argument("out_dir")
     ap.add_argument("--fixture", nargs=2, metavar=("FAMILY", "TASK"))
     ap.add_argument("--config")
     args = ap.parse_args()
-    try:
-        from optimum.onnxruntime import ORTOptimizer
-        from optimum.onnxruntime.configuration import AutoOptimizationConfig
+    made: dict = {}
+    with tempfile.TemporaryDirectory(prefix="ortoptimizer-") as tmp:
+        folder = Path(tmp) / "model"
+        folder.mkdir()
+        shutil.copyfile(args.model, folder / "model.onnx")
+        for level in args.levels.split(","):
+            try:
+                from optimum.onnxruntime import ORTOptimizer
+                from optimum.onnxruntime.configuration import AutoOptimizationConfig
 
-        with tempfile.TemporaryDirectory(prefix="ortoptimizer-") as tmp:
-            folder = Path(tmp) / "model"
-            folder.mkdir()
-            shutil.copyfile(args.model, folder / "model.onnx")
-            if args.fixture:
-                sys.path.insert(0, str(FIXTURES))
-                import make_fixtures
+                if not (folder / "config.json").exists():
+                    if args.fixture:
+                        sys.path.insert(0, str(FIXTURES))
+                        import make_fixtures
 
-                family, task = args.fixture
-                make_fixtures.config_for(make_fixtures.ARCHS[family], task).save_pretrained(folder)
-            else:
-                shutil.copyfile(args.config, folder / "config.json")
-            optimizer = ORTOptimizer.from_pretrained(folder)
-            optimizer.optimize(save_dir=Path(tmp) / "out",
-                               optimization_config=getattr(AutoOptimizationConfig, args.level)())
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(tmp) / "out" / "model_optimized.onnx", args.out)
-    except Exception as err:  # a peer's failure is a table cell
-        message = " ".join(f"{type(err).__name__}: {err}".split())
-        print(json.dumps({"error": message[:300]}))
-        return 0
-    print(json.dumps({"out": args.out}))
+                        family, task = args.fixture
+                        make_fixtures.config_for(make_fixtures.ARCHS[family], task).save_pretrained(folder)
+                    else:
+                        shutil.copyfile(args.config, folder / "config.json")
+                optimizer = ORTOptimizer.from_pretrained(folder)
+                optimizer.optimize(save_dir=Path(tmp) / level,
+                                   optimization_config=getattr(AutoOptimizationConfig, level)())
+                out = Path(args.out_dir) / f"{level}.onnx"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(tmp) / level / "model_optimized.onnx", out)
+                made[level] = str(out)
+            except Exception as err:  # a peer's failure is a table cell
+                made[level] = {"error": " ".join(f"{type(err).__name__}: {err}".split())[:300]}
+    print(json.dumps(made))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(tests/corpus/optimum) and the always-on random-sweep slice; peers mlstep, ORT, Optimum "
                     "ORTOptimizer O2/O3 (in the Optimum environment, --optimum-venv) and onnxscript")
     ap.add_argument("--optimum-venv", default=os.environ.get("MLSTEP_OPTIMUM_VENV", "/work/.venvs/optimum"))
-    ap.add_argument("--sweep-seeds", default=None, help="comma-separated sweep seeds (default: the always-on slice)")
+    ap.add_argument("--sweep-seeds", default=None, help="comma-separated sweep seeds (default: the always-on "
+                    "slice; 'none' for no sweep rows)")
+    ap.add_argument("--cells", default=None, help="the Optimum fixtures whose name contains one of these "
+                    "comma-separated strings (default: all)")
     ap.add_argument("--_hidden", type=int, default=HIDDEN, help=argparse.SUPPRESS)
     ap.add_argument("--_expect", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -397,16 +400,20 @@ def corpus_rows(args) -> int:
         else list(CORPUS_PEERS)
     optimum_python = Path(args.optimum_venv) / "bin" / "python"
     manifest = json.loads((CORPUS / "optimum" / "manifest.json").read_text())
-    seeds = [int(x) for x in args.sweep_seeds.split(",")] if args.sweep_seeds else list(ALWAYS_SEEDS)
+    seeds = list(ALWAYS_SEEDS) if not args.sweep_seeds else [] if args.sweep_seeds == "none" else \
+        [int(x) for x in args.sweep_seeds.split(",")]
     header = ["cell", "L", "heads"] + [f"{p} {what}" for p in peers for what in ("fused", "parity")]
     rows, raw, notes = [], {}, []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mlstep-matrix-corpus-") as tmp:
         cells = []   # (key, source path, expect dict, model_type, heads, hidden, optimum config args)
         for name, e in manifest["files"].items():
+            if args.cells and not any(c in name for c in args.cells.split(",")):
+                continue
             expect = {"family": e["family"], "task": e["task"], "layers": e["layers"], "vocab": e["vocab"],
                       "has_past": e["has_past"]}
-            cells.append((name.removesuffix(".onnx"), CORPUS / "optimum" / name, expect, e["model_type"],
+            cells.append((name.removesuffix(".onnx"), CORPUS / "optimum" / name, expect,
+                          "gpt2" if e["model_type"] == "gpt2" else "bert",
                           e["heads"], e["hidden"], ["--fixture", e["family"], e["task"]]))
         for seed in seeds:
             cfg = draw(seed)
@@ -425,21 +432,21 @@ def corpus_rows(args) -> int:
                           ["--config", str(config_json)]))
         for key, src, expect, model_type, heads, hidden, optimum_args in cells:
             res = {}
+            levels = [p.split("-")[1] for p in peers if p.startswith("optimum-")]
+            if levels:   # one Optimum process for every level; its outputs are checked here, in-process
+                made = _run_optimum(optimum_python, levels, src, Path(tmp) / key / "optimum", optimum_args) \
+                    if optimum_python.exists() else {"error": f"no Optimum environment at {args.optimum_venv}"}
+                for level in levels:
+                    out = made.get(level, made)
+                    res[f"optimum-{level}"] = out if isinstance(out, dict) else \
+                        _worker("given", str(src), out, expect=expect)
             for peer in peers:
+                if peer.startswith("optimum-"):
+                    continue
                 out = Path(tmp) / key / peer / "model.onnx"
                 out.parent.mkdir(parents=True, exist_ok=True)
-                worker_peer = peer
-                if peer.startswith("optimum-"):
-                    if not optimum_python.exists():
-                        res[peer] = {"error": f"no Optimum environment at {args.optimum_venv}"}
-                        continue
-                    made = _run_optimum(optimum_python, peer.split("-")[1], src, out, optimum_args)
-                    if "error" in made:
-                        res[peer] = made
-                        continue
-                    worker_peer = "given"
                 res[peer] = run_json_subprocess(
-                    [__file__, "--_worker", worker_peer, str(src), str(out), "--_model-type", model_type,
+                    [__file__, "--_worker", peer, str(src), str(out), "--_model-type", model_type,
                      "--_heads", str(heads), "--_hidden", str(hidden), "--_expect", json.dumps(expect)],
                     PEER_TIMEOUT)
             raw[key] = res
@@ -465,7 +472,7 @@ def corpus_rows(args) -> int:
     footer = ["Fully fused (corpus contract) with fp32 parity: " + ", ".join(
                   f"{p} {full_with_parity(p)}/{len(raw)}" for p in peers)
               + f" ({time.perf_counter() - start:.0f} s)",
-              f"Cells: {len(manifest['files'])} Optimum fixtures (optimum-onnx {versions['optimum-onnx']}, transformers "
+              f"Cells: {sum(1 for c in cells if c[-1][0] == '--fixture')} Optimum fixtures (optimum-onnx {versions['optimum-onnx']}, transformers "
               f"{versions['transformers']}, torch {versions['torch']}) + sweep seeds {seeds} (torch 2.13 exports of "
               "transformers 5 configs). '(full)': Attention/MHA per layer, no Softmax/Erf, Tanh only in a "
               "classification head, SkipLayerNorm >= 2L-1, EmbedLayerNorm for encoders.",
@@ -476,24 +483,24 @@ def corpus_rows(args) -> int:
     return _publish(args, header, rows, footer, notes, "cells", raw)
 
 
-def _run_optimum(python: Path, level: str, src: Path, out: Path, config_args: list[str]) -> dict:
-    """Optimum's ORTOptimizer in its own environment (benchmarks/_optimum_optimizer.py)."""
+def _run_optimum(python: Path, levels: list[str], src: Path, out_dir: Path, config_args: list[str]) -> dict:
+    """Optimum's ORTOptimizer at each level, in its own environment (benchmarks/_optimum_optimizer.py):
+    level -> output path, or {"error": ...}."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
                                                                          "TRANSFORMERS_OFFLINE": "1"}
     script = Path(__file__).resolve().parent / "_optimum_optimizer.py"
     try:
-        proc = subprocess.run([str(python), str(script), level, str(src), str(out), *config_args],
+        proc = subprocess.run([str(python), str(script), ",".join(levels), str(src), str(out_dir), *config_args],
                               capture_output=True, text=True, timeout=PEER_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {PEER_TIMEOUT} s"}
     for line in reversed(proc.stdout.strip().splitlines()):
         if line.startswith("{"):
             made = json.loads(line)
-            return {"error": short_error(made["error"])} if "error" in made else made
+            return {k: {"error": short_error(v["error"])} if isinstance(v, dict) else v for k, v in made.items()}
     return {"error": short_error(proc.stderr or f"exit {proc.returncode}")}
-
 
 if __name__ == "__main__":
     sys.exit(main())
