@@ -8,11 +8,14 @@ under ORT_DISABLE_ALL vs candidate, batches with no padding, right padding and l
     .venv/bin/python benchmarks/fusion_matrix.py [--families bert,albert] [--out results.md]
     .venv/bin/python benchmarks/fusion_matrix.py --tf      # TF/Keras rows from tests/tf_fixtures (no TF needed)
     .venv/bin/python benchmarks/fusion_matrix.py --gpt2    # GPT-2 rows (GPT2Model, GPT2LMHeadModel, distilgpt2, with past)
+    .venv/bin/python benchmarks/fusion_matrix.py --corpus  # the corpus: Optimum fixtures (tests/corpus/optimum)
+                                                           # + a random-sweep slice; peers incl. Optimum O2/O3
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "corpus"))   # corpus_contract, sweep
 
 from _common import compact, fmt_parity, op_counts, run_json_subprocess, short_error  # noqa: E402
 
@@ -32,11 +36,17 @@ PEER_TIMEOUT = 300
 
 
 # --------------------------------------------------------------------------------------------- worker
-def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: int = HEADS, past: int = 0) -> dict:
-    """Optimize ``model`` with ``peer``, save to ``out``, count fused ops and check parity."""
+def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: int = HEADS, past: int = 0,
+            hidden: int = HIDDEN, expect: dict | None = None) -> dict:
+    """Optimize ``model`` with ``peer``, save to ``out``, count fused ops and check parity. Peer ``given``: ``out``
+    was optimized elsewhere (Optimum's ORTOptimizer in its own environment); only count and check it. With
+    ``expect`` (a corpus_contract.Expect as a dict): parity on the corpus cases and the full-fusion verdict."""
     result: dict = {}
     try:
-        if peer == "mlstep":
+        if peer == "given":
+            if not Path(out).exists():
+                raise FileNotFoundError(out)
+        elif peer == "mlstep":
             from mlstep.optimizer import OptimizeOptions, optimize_file
             from mlstep.optimizer.io import save
 
@@ -55,7 +65,7 @@ def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: in
             from onnxruntime.transformers import optimizer
 
             logging.disable(logging.WARNING)
-            m = optimizer.optimize_model(model, model_type=model_type, num_heads=heads, hidden_size=HIDDEN,
+            m = optimizer.optimize_model(model, model_type=model_type, num_heads=heads, hidden_size=hidden,
                                          opt_level=0)
             result["ort_stats"] = {k: v for k, v in m.get_fused_operator_statistics().items() if v}
             m.save_model_to_file(out)
@@ -76,7 +86,13 @@ def _worker(peer: str, model: str, out: str, model_type: str = "bert", heads: in
         import onnx_ir as ir
         from mlstep.validate import check_parity, synthesize_inputs
 
-        cases = synthesize_inputs(ir.load(model), past_sequence=past)
+        if expect is None:
+            cases = synthesize_inputs(ir.load(model), past_sequence=past)
+        else:
+            from corpus_contract import Expect, parity_cases, violations
+
+            cases = parity_cases(ir.load(model), Expect(**expect))
+            result["violations"] = violations(ir.load(out), Expect(**expect))
         p = check_parity(model, out, "fp32", cases)
         result["parity"] = {"max_abs_diff": p.max_abs_diff, "passed": p.passed, "worst_case": p.worst_case}
     except Exception as err:
@@ -136,10 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpt2", action="store_true", help="the GPT-2 rows instead: GPT2Model, GPT2LMHeadModel, "
                     "distilgpt2 (6 layers), gpt2-with-past; ORT with model_type gpt2; parity with past at past 4")
     ap.add_argument("--_past", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", action="store_true", help="the corpus rows instead: every Optimum fixture "
+                    "(tests/corpus/optimum) and the always-on random-sweep slice; peers mlstep, ORT, Optimum "
+                    "ORTOptimizer O2/O3 (in the Optimum environment, --optimum-venv) and onnxscript")
+    ap.add_argument("--optimum-venv", default=os.environ.get("MLSTEP_OPTIMUM_VENV", "/work/.venvs/optimum"))
+    ap.add_argument("--sweep-seeds", default=None, help="comma-separated sweep seeds (default: the always-on "
+                    "slice; 'none' for no sweep rows)")
+    ap.add_argument("--cells", default=None, help="the Optimum fixtures whose name contains one of these "
+                    "comma-separated strings (default: all)")
+    ap.add_argument("--_hidden", type=int, default=HIDDEN, help=argparse.SUPPRESS)
+    ap.add_argument("--_expect", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
-        print(json.dumps(_worker(*args._worker, model_type=args._model_type, heads=args._heads, past=args._past)))
+        print(json.dumps(_worker(*args._worker, model_type=args._model_type, heads=args._heads, past=args._past,
+                                 hidden=args._hidden, expect=json.loads(args._expect) if args._expect else None)))
         return 0
+    if args.corpus:
+        return corpus_rows(args)
     if args.gpt2:
         return gpt2_rows(args)
     if args.tf:
@@ -349,6 +378,129 @@ def gpt2_rows(args) -> int:
               "SLN=SkipLayerNormalization LN=LayerNormalization"]
     return _publish(args, header, rows, footer, notes, "cells", raw)
 
+
+# --------------------------------------------------------------------------------------------- corpus
+CORPUS = Path(__file__).resolve().parent.parent / "tests" / "corpus"
+CORPUS_PEERS = ("mlstep", "ort", "optimum-O2", "optimum-O3", "onnxscript")
+
+
+def corpus_rows(args) -> int:
+    """Optimum fixtures + a sweep slice: fused ops, full-fusion verdict (corpus_contract) and fp32 parity on
+    the corpus cases (batch 3, right/left padding, sequence 8 and 72; with past: past 1/17/64) per peer."""
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    from corpus_contract import LONG, PAST_STEPS, SHORT
+    from corpus_sweep import config_of, draw, export
+    from test_random_sweep import ALWAYS_SEEDS
+
+    peers = [p for p in args.peers.split(",") if p in CORPUS_PEERS] if args.peers != ",".join(PEERS) \
+        else list(CORPUS_PEERS)
+    optimum_python = Path(args.optimum_venv) / "bin" / "python"
+    manifest = json.loads((CORPUS / "optimum" / "manifest.json").read_text())
+    seeds = list(ALWAYS_SEEDS) if not args.sweep_seeds else [] if args.sweep_seeds == "none" else \
+        [int(x) for x in args.sweep_seeds.split(",")]
+    header = ["cell", "L", "heads"] + [f"{p} {what}" for p in peers for what in ("fused", "parity")]
+    rows, raw, notes = [], {}, []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mlstep-matrix-corpus-") as tmp:
+        cells = []   # (key, source path, expect dict, model_type, heads, hidden, optimum config args)
+        for name, e in manifest["files"].items():
+            if args.cells and not any(c in name for c in args.cells.split(",")):
+                continue
+            expect = {"family": e["family"], "task": e["task"], "layers": e["layers"], "vocab": e["vocab"],
+                      "has_past": e["has_past"]}
+            cells.append((name.removesuffix(".onnx"), CORPUS / "optimum" / name, expect,
+                          "gpt2" if e["model_type"] == "gpt2" else "bert",
+                          e["heads"], e["hidden"], ["--fixture", e["family"], e["task"]]))
+        for seed in seeds:
+            cfg = draw(seed)
+            src = Path(tmp) / cfg.id / "model.onnx"
+            try:
+                export(cfg, src)
+            except Exception as err:
+                rows.append([cfg.id, str(cfg.layers), str(cfg.heads), f"export failed: {short_error(str(err))}"]
+                            + ["-"] * (2 * len(peers) - 1))
+                continue
+            config_json = Path(tmp) / cfg.id / "config.json"
+            config_of(cfg).to_json_file(config_json)
+            expect = {"family": cfg.family, "task": cfg.contract_task, "layers": cfg.layers, "vocab": cfg.vocab,
+                      "has_past": cfg.with_past}
+            cells.append((cfg.id, src, expect, "gpt2" if cfg.family == "gpt2" else "bert", cfg.heads, cfg.hidden,
+                          ["--config", str(config_json)]))
+        for key, src, expect, model_type, heads, hidden, optimum_args in cells:
+            res = {}
+            levels = [p.split("-")[1] for p in peers if p.startswith("optimum-")]
+            if levels:   # one Optimum process for every level; its outputs are checked here, in-process
+                made = _run_optimum(optimum_python, levels, src, Path(tmp) / key / "optimum", optimum_args) \
+                    if optimum_python.exists() else {"error": f"no Optimum environment at {args.optimum_venv}"}
+                for level in levels:
+                    out = made.get(level, made)
+                    res[f"optimum-{level}"] = out if isinstance(out, dict) else \
+                        _worker("given", str(src), out, expect=expect)
+            for peer in peers:
+                if peer.startswith("optimum-"):
+                    continue
+                out = Path(tmp) / key / peer / "model.onnx"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                res[peer] = run_json_subprocess(
+                    [__file__, "--_worker", peer, str(src), str(out), "--_model-type", model_type,
+                     "--_heads", str(heads), "--_hidden", str(hidden), "--_expect", json.dumps(expect)],
+                    PEER_TIMEOUT)
+            raw[key] = res
+            row = [key, str(expect["layers"]), str(heads)]
+            for peer in peers:
+                fused, par = cell(res[peer])
+                if "violations" in res[peer]:
+                    fused += " (full)" if not res[peer]["violations"] else " (partial)"
+                row += [fused, par]
+            rows.append(row)
+            m = res.get("mlstep", {})
+            if m.get("violations"):
+                notes.append(f"- {key}: {'; '.join(m['violations'])}; mlstep says: "
+                             + "; ".join(m.get("refused", [])[:3]))
+            print(f"[{time.perf_counter() - start:6.0f}s] {key}: " + " | ".join(
+                f"{p} {cell(res[p])[0]} {cell(res[p])[1]}" for p in peers), file=sys.stderr, flush=True)
+
+    def full_with_parity(peer: str) -> int:
+        return sum(1 for r in raw.values() if not r.get(peer, {}).get("violations", ["x"])
+                   and r[peer].get("parity", {}).get("passed"))
+
+    versions = manifest["versions"]
+    footer = ["Fully fused (corpus contract) with fp32 parity: " + ", ".join(
+                  f"{p} {full_with_parity(p)}/{len(raw)}" for p in peers)
+              + f" ({time.perf_counter() - start:.0f} s)",
+              f"Cells: {sum(1 for c in cells if c[-1][0] == '--fixture')} Optimum fixtures (optimum-onnx {versions['optimum-onnx']}, transformers "
+              f"{versions['transformers']}, torch {versions['torch']}) + sweep seeds {seeds} (torch 2.13 exports of "
+              "transformers 5 configs). '(full)': Attention/MHA per layer, no Softmax/Erf, Tanh only in a "
+              "classification head, SkipLayerNorm >= 2L-1, EmbedLayerNorm for encoders.",
+              f"Parity: fp32 vs the original under ORT_DISABLE_ALL, batch 3, no/right/left padding, sequence {SHORT} "
+              f"and {LONG} (with past: (past, new) in {list(PAST_STEPS)}); atol 1e-4 + rtol 1e-3. ORT optimizer: "
+              "model_type bert/gpt2 with the cell's heads and hidden, opt_level 0. Optimum: ORTOptimizer with "
+              "AutoOptimizationConfig O2 / O3 (O3 adds the Gelu approximation) in the pinned Optimum environment."]
+    return _publish(args, header, rows, footer, notes, "cells", raw)
+
+
+def _run_optimum(python: Path, levels: list[str], src: Path, out_dir: Path, config_args: list[str]) -> dict:
+    """Optimum's ORTOptimizer at each level, in its own environment (benchmarks/_optimum_optimizer.py):
+    level -> output path, or {"error": ...}."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1",
+                                                                         "TRANSFORMERS_OFFLINE": "1"}
+    script = Path(__file__).resolve().parent / "_optimum_optimizer.py"
+    try:
+        proc = subprocess.run([str(python), str(script), ",".join(levels), str(src), str(out_dir), *config_args],
+                              capture_output=True, text=True, timeout=PEER_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {PEER_TIMEOUT} s"}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            made = json.loads(line)
+            return {k: {"error": short_error(v["error"])} if isinstance(v, dict) else v for k, v in made.items()}
+    return {"error": short_error(proc.stderr or f"exit {proc.returncode}")}
 
 if __name__ == "__main__":
     sys.exit(main())
