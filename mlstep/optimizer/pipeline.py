@@ -26,13 +26,15 @@ class OptimizeResult:
     log: list[FusionLog] = field(default_factory=list)
     seconds: float = 0.0
     coverage: dict[str, BlockCoverage] = field(default_factory=dict)   # kind -> blocks seen / fused
+    repairs: tuple[str, ...] = ()           # what io.load repaired in the source (as ONNX Runtime reads it)
 
     @property
     def model_type(self) -> str:
         return self.detected.model_type
 
     def summary_lines(self) -> list[str]:
-        lines = [f"{entry.name}: fused {entry.fused}" for entry in self.log]
+        lines = [f"repaired on load: {repair}" for repair in self.repairs]
+        lines += [f"{entry.name}: fused {entry.fused}" for entry in self.log]
         for entry in self.log:
             lines += [f"  refused: {reason}" for reason in entry.refused]
         return lines
@@ -62,7 +64,10 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
 
 def optimize_file(path: str | Path, options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     path = Path(path)
-    return optimize(io.load(path), options, source_dir=path.parent)
+    loaded = io.load_with_repairs(path)
+    result = optimize(loaded.model, options, source_dir=path.parent)
+    result.repairs = loaded.repairs
+    return result
 
 
 def _cleanup(model: ir.Model) -> None:

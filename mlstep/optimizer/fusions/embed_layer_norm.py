@@ -4,12 +4,17 @@
     ==> EmbedLayerNormalization(int32(ids), int32(segment_ids), word, position, token_type, gamma, beta)
 
 Cases handled: the three addends in any order (commuted), with or without token types; position ids that
-are ``arange(sequence)`` however the exporter built them (probed, see probe.py) or a position_ids graph
+are ``arange(sequence)`` however the exporter built them (probed, see probe.py), also broadcast to
+[batch, sequence] (``Expand(Unsqueeze(Range(0, S)), [B, S])``: every row is arange), or a position_ids graph
 input (passed through); token-type ids that are a constant all-zeros index (BERT called without
 token_type_ids): row 0 of the token-type table is folded into the position table, which is exact.
 Position ids computed per token (RoBERTa's padding-aware positions from input_ids) are fed to ELN's
 position_ids input as they are. Refused with a reason: ids that are not a 2-D graph input, tables whose
 widths differ, token types that are neither an input nor constant zeros.
+
+The mask index: when an ORT Attention already in the graph reads ``ReduceSum(Cast(mask, int32), axis 1)``
+of a 2-D graph input shaped like the ids, that mask becomes the fused node's ``mask`` input and its
+``mask_index`` output (the same per-row count of attended tokens) replaces the ReduceSum (``absorb_mask_index``).
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             return result.fail("LayerNorm is not over the last axis")
         if _graph_input(ids, inputs) is None:
             return result.fail("word ids are not a 2-D graph input")
-        self._arange_memo[position_ids.name] = is_arange(model, position_ids)
+        self._arange_memo[position_ids.name] = is_arange(model, position_ids) or _rows_arange(model, position_ids)
         if not self._arange_memo[position_ids.name] and not _position_input(model, position_ids):
             return result.fail("position ids are not arange(sequence) and not a [batch, sequence] integer tensor")
         if self._with_tt and _graph_input(segment_ids, inputs) is None and not _all_zero(model, segment_ids):
@@ -113,6 +118,73 @@ def _position_input(model: ir.Model, position_ids: ir.Value) -> bool:
     return out.shape == (2, 5) and out.dtype.kind in "iu"
 
 
+def _rows_arange(model: ir.Model, position_ids: ir.Value) -> bool:
+    """Position ids computed from shapes only whose every row is arange(sequence), e.g.
+    ``Expand(Unsqueeze(Range(0, S)), [B, S])``: the same as ELN's own positions, for any batch and sequence."""
+    anc = ancestry(model.graph, position_ids)
+    if anc.data_inputs or not anc.shape_inputs:
+        return False
+    sizes = ((2, 5), (3, 11))
+    try:
+        feeds = [{v.name: np.zeros((b, s) if v.shape is None or len(v.shape) == 2 else
+                                   (b, s, *[d if isinstance(d, int) else 1 for d in v.shape[2:]]),
+                                   dtype=_NP.get(v.dtype, np.int64)) for v in anc.shape_inputs} for b, s in sizes]
+        outs = evaluate(model, position_ids, feeds)
+    except Exception:  # noqa: BLE001
+        return False
+    return all(out.ndim == 2 and out.shape[1] == s and out.shape[0] in (1, b)
+               and bool(np.all(out == np.arange(s)[None, :])) for out, (b, s) in zip(outs, sizes))
+
+
+def absorb_mask_index(model: ir.Model) -> None:
+    """ELN's mask_index output for an Attention's ``ReduceSum(Cast(mask, int32), axes=[1], keepdims=0)``."""
+    graph = model.graph
+    for eln in [n for n in graph if n.op_type == "EmbedLayerNormalization" and n.domain == MS_DOMAIN]:
+        if len(eln.inputs) > 7 and eln.inputs[7] is not None or len(eln.outputs) < 2:
+            continue
+        ids = _graph_input(eln.inputs[0], graph.inputs)
+        for node in list(graph):
+            mask = _mask_count_of(node, graph.inputs, ids)
+            if mask is None or not all(u.op_type == "Attention" and u.domain == MS_DOMAIN and i == 3
+                                       for u, i in node.outputs[0].uses()):
+                continue
+            cast = node.inputs[0]    # the int32 mask the ReduceSum reads
+            inputs = list(eln.inputs) + [None] * (7 - len(eln.inputs))
+            eln.resize_inputs(8)
+            for i, v in enumerate(inputs[:7]):
+                eln.replace_input_with(i, v)
+            eln.replace_input_with(7, cast)
+            ir.convenience.replace_all_uses_with(node.outputs[0], eln.outputs[1])
+            break
+
+
+def _mask_count_of(node: ir.Node, graph_inputs, ids: ir.Value | None) -> ir.Value | None:
+    """The 2-D mask input when ``node`` is ReduceSum(Cast(mask, int32)) over axis 1 without keepdims."""
+    if ids is None or node.op_type != "ReduceSum" or node.domain != "" or node.attributes.get_int("keepdims", 1):
+        return None
+    axes = node.attributes.get("axes")
+    axes = list(axes.as_ints()) if axes is not None else (
+        [int(a) for a in const_array(node.inputs[1]).reshape(-1)] if len(node.inputs) > 1
+        and const_array(node.inputs[1]) is not None else None)
+    if axes not in ([1], [-1]):
+        return None
+    counted = node.inputs[0]
+    cast = counted.producer() if counted is not None else None
+    if counted in graph_inputs:
+        mask = counted if counted.dtype == ir.DataType.INT32 else None
+    elif cast is not None and cast.op_type == "Cast" and cast.attributes.get_int("to") == ir.DataType.INT32:
+        mask = cast.inputs[0]
+    else:
+        return None
+    if mask is None or mask not in graph_inputs or mask.shape is None or ids.shape is None \
+            or len(mask.shape) != 2 or mask.dtype not in (ir.DataType.INT32, ir.DataType.INT64):
+        return None
+    # ELN checks at run time that the mask is shaped like the ids; refuse only dims shown to differ.
+    differ = [a != b for a, b in zip(mask.shape, ids.shape) if isinstance(a, int) and isinstance(b, int)
+              or (getattr(a, "value", None) and getattr(b, "value", None))]
+    return None if any(differ) else mask
+
+
 def _all_zero(model: ir.Model, value: ir.Value) -> bool:
     if ancestry(model.graph, value).data_inputs:
         return False
@@ -126,4 +198,4 @@ def _all_zero(model: ir.Model, value: ir.Value) -> bool:
 
 
 FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order) for order in ("wt+p", "wp+t", "wp")],
-                anchor="Gather")
+                anchor="Gather", after=absorb_mask_index)
