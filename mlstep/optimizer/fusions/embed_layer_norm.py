@@ -39,22 +39,28 @@ def _graph_input(value: ir.Value, graph_inputs) -> ir.Value | None:
 
 
 class EmbedLayerNorm(pattern.RewriteRuleClassBase):
-    def __init__(self, sum_order: str):
-        """sum_order: "wp" (no token types), "wp+t" or "wt+p" (which pair is added first)."""
-        super().__init__(f"EmbedLayerNorm_{sum_order}")
+    def __init__(self, sum_order: str, skip: str = ""):
+        """sum_order: "wp" (no token types), "wp+t" or "wt+p" (which pair is added first).
+        skip: "" (the last Add then LayerNormalization), or "first"/"second": the last Add and the LayerNorm
+        are an already fused SkipLayerNormalization (no bias) taking the pair as its first/second input."""
+        super().__init__(f"EmbedLayerNorm_{sum_order}{'_sln_' + skip if skip else ''}")
         self._order = sum_order
+        self._skip = skip
         self._with_tt = "t" in sum_order
         self._arange_memo: dict[str, bool] = {}   # per-run memo of the position-ids probe (check -> rewrite)
 
     def pattern(self, op, word, ids, position, position_ids, token_type, segment_ids, gamma, beta):
         w, p = op.Gather(word, ids), op.Gather(position, position_ids)
         if self._order == "wp":
-            total = op.Add(w, p)
+            pair, last = w, p
         elif self._order == "wp+t":
-            total = op.Add(op.Add(w, p), op.Gather(token_type, segment_ids))
+            pair, last = op.Add(w, p), op.Gather(token_type, segment_ids)
         else:
-            total = op.Add(op.Add(w, op.Gather(token_type, segment_ids)), p)
-        return op.LayerNormalization(total, gamma, beta, _outputs=["normed"])
+            pair, last = op.Add(w, op.Gather(token_type, segment_ids)), p
+        if self._skip:
+            a, b = (pair, last) if self._skip == "first" else (last, pair)
+            return op.SkipLayerNormalization(a, b, gamma, beta, _domain=MS_DOMAIN, _outputs=["normed"])
+        return op.LayerNormalization(op.Add(pair, last), gamma, beta, _outputs=["normed"])
 
     def check(self, context, word, ids, position, position_ids, gamma, beta, normed, token_type=None,
               segment_ids=None, **_):
@@ -68,7 +74,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             return result.fail(f"embedding widths differ: {tables}")
         if const_shape(gamma) is None or const_shape(beta) is None:
             return result.fail("LayerNorm scale/shift are not constants")
-        if normed.producer().attributes.get_int("axis", -1) not in (-1, 2):
+        if not self._skip and normed.producer().attributes.get_int("axis", -1) not in (-1, 2):
             return result.fail("LayerNorm is not over the last axis")
         if _graph_input(ids, inputs) is None:
             return result.fail("word ids are not a 2-D graph input")
@@ -98,7 +104,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         args = [op.Cast(ids_in, to=ir.DataType.INT32), segment, word, position_table, tt_table, gamma, beta]
         if pos_in is not None:
             args += [None, op.Cast(pos_in, to=ir.DataType.INT32)]
-        eps = normed.producer().attributes.get_float("epsilon", 1e-5)
+        eps = normed.producer().attributes.get_float("epsilon", 1e-12 if self._skip else 1e-5)
         out, _mask_index = op.EmbedLayerNormalization(*args, epsilon=eps, _domain=MS_DOMAIN, _outputs=2)
         return out
 
@@ -197,5 +203,6 @@ def _all_zero(model: ir.Model, value: ir.Value) -> bool:
     return out.size > 0 and not np.any(out)
 
 
-FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order) for order in ("wt+p", "wp+t", "wp")],
+FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order, skip) for order in ("wt+p", "wp+t", "wp")
+                                                  for skip in ("", "first", "second")],
                 anchor="Gather", after=absorb_mask_index)
