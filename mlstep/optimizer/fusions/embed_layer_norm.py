@@ -39,18 +39,21 @@ def _graph_input(value: ir.Value, graph_inputs) -> ir.Value | None:
 
 
 class EmbedLayerNorm(pattern.RewriteRuleClassBase):
-    def __init__(self, sum_order: str, skip: str = ""):
+    def __init__(self, sum_order: str, skip: str = "", const_positions: bool = False):
         """sum_order: "wp" (no token types), "wp+t" or "wt+p" (which pair is added first).
         skip: "" (the last Add then LayerNormalization), or "first"/"second": the last Add and the LayerNorm
         are an already fused SkipLayerNormalization (no bias) taking the pair as its first/second input."""
-        super().__init__(f"EmbedLayerNorm_{sum_order}{'_sln_' + skip if skip else ''}")
+        super().__init__(f"EmbedLayerNorm_{sum_order}{'_sln_' + skip if skip else ''}"
+                         f"{'_const_positions' if const_positions else ''}")
         self._order = sum_order
         self._skip = skip
+        self._const_positions = const_positions   # keras2onnx: the position rows added as one constant [S, H]
         self._with_tt = "t" in sum_order
         self._arange_memo: dict[str, bool] = {}   # per-run memo of the position-ids probe (check -> rewrite)
 
     def pattern(self, op, word, ids, position, position_ids, token_type, segment_ids, gamma, beta):
-        w, p = op.Gather(word, ids), op.Gather(position, position_ids)
+        w = op.Gather(word, ids)
+        p = position if self._const_positions else op.Gather(position, position_ids)
         if self._order == "wp":
             pair, last = w, p
         elif self._order == "wp+t":
@@ -62,12 +65,14 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             return op.SkipLayerNormalization(a, b, gamma, beta, _domain=MS_DOMAIN, _outputs=["normed"])
         return op.LayerNormalization(op.Add(pair, last), gamma, beta, _outputs=["normed"])
 
-    def check(self, context, word, ids, position, position_ids, gamma, beta, normed, token_type=None,
+    def check(self, context, word, ids, position, gamma, beta, normed, position_ids=None, token_type=None,
               segment_ids=None, **_):
         result = pattern.MatchResult()
         model = context.model
         inputs = model.graph.inputs
-        tables = [const_shape(t) for t in (word, position) + ((token_type,) if self._with_tt else ())]
+        tables = [const_shape(t) for t in (word,) + ((token_type,) if self._with_tt else ())]
+        table = _position_table(position) if self._const_positions or len(const_shape(position) or ()) == 2 else None
+        tables.insert(1, None if table is None else table.shape)
         if any(t is None or len(t) != 2 for t in tables):
             return result.fail("embedding tables are not constant 2-D matrices")
         if len({t[1] for t in tables}) != 1:
@@ -78,18 +83,29 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             return result.fail("LayerNorm is not over the last axis")
         if _graph_input(ids, inputs) is None:
             return result.fail("word ids are not a 2-D graph input")
+        if self._const_positions:
+            sequence = _graph_input(ids, inputs).shape[1]
+            if sequence != table.shape[0]:
+                return result.fail(f"constant position rows {table.shape[0]} added to ids of sequence {sequence} "
+                                   "(not a static dim equal to it)")
+            return self._check_token_types(model, inputs, segment_ids, result)
         self._arange_memo[position_ids.name] = is_arange(model, position_ids) or _rows_arange(model, position_ids)
         if not self._arange_memo[position_ids.name] and not _position_input(model, position_ids):
             return result.fail("position ids are not arange(sequence) and not a [batch, sequence] integer tensor")
+        return self._check_token_types(model, inputs, segment_ids, result)
+
+    def _check_token_types(self, model, inputs, segment_ids, result):
         if self._with_tt and _graph_input(segment_ids, inputs) is None and not _all_zero(model, segment_ids):
             return result.fail("token type ids are neither a graph input nor constant zeros")
         return result
 
-    def rewrite(self, op, word, ids, position, position_ids, gamma, beta, normed, token_type=None,
+    def rewrite(self, op, word, ids, position, gamma, beta, normed, position_ids=None, token_type=None,
                 segment_ids=None, **_):
         graph_inputs = normed.producer().graph.inputs
         ids_in = _graph_input(ids, graph_inputs)
         position_table = position
+        if const_shape(position) is not None and len(const_shape(position)) != 2:   # [1, S, H] -> [S, H]
+            position_table = op.initializer(ir.tensor(_position_table(position)), name=f"{position.name}_2d")
         segment = None
         tt_table = None
         if self._with_tt:
@@ -97,16 +113,27 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             if seg_in is not None:
                 segment, tt_table = op.Cast(seg_in, to=ir.DataType.INT32), token_type
             else:  # constant zero token types: fold row 0 into the position table
-                folded = const_array(position) + const_array(token_type)[0][None, :]
-                position_table = op.initializer(ir.tensor(folded.astype(const_array(position).dtype)),
+                rows = _position_table(position)
+                folded = rows + const_array(token_type)[0][None, :]
+                position_table = op.initializer(ir.tensor(folded.astype(rows.dtype)),
                                                 name=f"{position.name}_plus_{token_type.name}_row0")
-        pos_in = None if self._arange_memo[position_ids.name] else position_ids
+        pos_in = None if self._const_positions or self._arange_memo[position_ids.name] else position_ids
         args = [op.Cast(ids_in, to=ir.DataType.INT32), segment, word, position_table, tt_table, gamma, beta]
         if pos_in is not None:
             args += [None, op.Cast(pos_in, to=ir.DataType.INT32)]
         eps = normed.producer().attributes.get_float("epsilon", 1e-12 if self._skip else 1e-5)
         out, _mask_index = op.EmbedLayerNormalization(*args, epsilon=eps, _domain=MS_DOMAIN, _outputs=2)
         return out
+
+
+def _position_table(position: ir.Value) -> np.ndarray | None:
+    """The position rows as a 2-D [rows, H] array: a table, or a constant [S, H] / [1, S, H] added as it is."""
+    arr = const_array(position)
+    if arr is None:
+        return None
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    return arr if arr.ndim == 2 else None
 
 
 def _position_input(model: ir.Model, position_ids: ir.Value) -> bool:
@@ -203,6 +230,7 @@ def _all_zero(model: ir.Model, value: ir.Value) -> bool:
     return out.size > 0 and not np.any(out)
 
 
-FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order, skip) for order in ("wt+p", "wp+t", "wp")
+FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order, skip, const)
+                                                  for const in (False, True) for order in ("wt+p", "wp+t", "wp")
                                                   for skip in ("", "first", "second")],
                 anchor="Gather", after=absorb_mask_index)
