@@ -188,6 +188,7 @@ def absorb_mask_index(model: ir.Model) -> None:
                 eln.replace_input_with(i, v)
             eln.replace_input_with(7, cast)
             ir.convenience.replace_all_uses_with(node.outputs[0], eln.outputs[1])
+            graph.remove(node, safe=True)
             break
 
 
