@@ -50,7 +50,10 @@ class UnflattenGemm(pattern.RewriteRuleClassBase):
         if x_dims is not None and len(x_dims) == 4 and isinstance(x_dims[-1], int) and \
                 isinstance(x_dims[-2], int) and x_dims[-2] * x_dims[-1] == ws[0]:
             x_dims = x_dims[:2] + [ws[0]]      # [batch, sequence, heads, head_size]: merged heads
-        elif x_dims is None or len(x_dims) != 3 or x_dims[-1] != ws[0]:
+        elif x_dims is None:
+            return result.fail(f"input dims unknown, and the reshapes are not [-1, x.size(-1)] and "
+                               f"Concat(x.size()[:-1], [{ws[1]}]) of that same x")
+        elif len(x_dims) != 3 or x_dims[-1] != ws[0]:
             return result.fail(f"input is not [batch, sequence, {ws[0]}] ({x_dims})")
         if flat != [-1, ws[0]]:
             return result.fail(f"the flattening reshape is {flat}, not [-1, {ws[0]}]")
