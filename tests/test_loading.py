@@ -174,7 +174,8 @@ def test_position_table_bounds_the_sequence():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     inits = [numpy_helper.from_array(np.ones((4, 2), np.float32), "pos"),
              numpy_helper.from_array(np.ones((50, 2), np.float32), "word"),
-             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one")]
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array(1, np.int64), "one")]
     proto = _model([helper.make_node("Shape", ["ids"], ["shape"]),
                     helper.make_node("Gather", ["shape", "one"], ["s"], axis=0),
                     helper.make_node("Range", ["zero", "s", "one"], ["positions"]),

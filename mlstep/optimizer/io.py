@@ -132,7 +132,8 @@ def _duplicate_constants(proto: onnx.ModelProto, path: Path) -> list[str]:
                                                        for name in node.output)}
     del proto.graph.node[:]
     proto.graph.node.extend(node for i, node in enumerate(nodes) if i not in dropped)
-    shown = ", ".join(repr(n) for n in duplicated[:4]) + (f" and {len(duplicated) - 4} more" if len(duplicated) > 4 else "")
+    shown = ", ".join(repr(n) for n in duplicated[:4])
+    shown += f" and {len(duplicated) - 4} more" if len(duplicated) > 4 else ""
     return [f"{len(duplicated)} names defined by several Constant nodes ({shown}): the last definition kept, "
             "as ONNX Runtime reads it"]
 

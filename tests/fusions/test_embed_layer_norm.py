@@ -110,8 +110,10 @@ def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bo
     rng = np.random.default_rng(0)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     inits = [numpy_helper.from_array(f32(VOCAB, HIDDEN), "word"), numpy_helper.from_array(f32(ROWS, HIDDEN), "pos"),
-             numpy_helper.from_array(1 + 0.1 * f32(HIDDEN), "gamma"), numpy_helper.from_array(0.1 * f32(HIDDEN), "beta"),
-             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one"),
+             numpy_helper.from_array(1 + 0.1 * f32(HIDDEN), "gamma"),
+             numpy_helper.from_array(0.1 * f32(HIDDEN), "beta"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array(1, np.int64), "one"),
              numpy_helper.from_array(np.array([0], np.int64), "axis0")]
     nodes = [helper.make_node("Gather", ["word", "ids"], ["w"])]
     if positions == "const":
@@ -121,7 +123,8 @@ def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bo
                   helper.make_node("Gather", ["shape", "one"], ["s"], axis=0),
                   helper.make_node("Range", ["zero", "s", "one"], ["range"])]
         if positions == "reversed":
-            nodes += [helper.make_node("Sub", ["s", "one"], ["last"]), helper.make_node("Sub", ["last", "range"], ["rev"])]
+            nodes += [helper.make_node("Sub", ["s", "one"], ["last"]),
+                      helper.make_node("Sub", ["last", "range"], ["rev"])]
         nodes += [helper.make_node("Unsqueeze", ["rev" if positions == "reversed" else "range", "axis0"], ["row"]),
                   helper.make_node("Expand", ["row", "shape"], ["position_ids"]),
                   helper.make_node("Gather", ["pos", "position_ids"], ["p"])]

@@ -118,7 +118,8 @@ def _conv1d_after_merged_heads(order=(0, 1)) -> onnx.ModelProto:
                   helper.make_node("Unsqueeze", [f"d{i}"], [f"ud{i}"], axes=[0])]
     nodes += [helper.make_node("Concat", [f"ud{i}" for i in order] + ["n"], ["out_shape"], axis=0),
               helper.make_node("Reshape", ["g", "out_shape"], ["y"])]
-    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["b", 2, "s", 4])],
+    t = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["b", 2, "s", 4])
+    graph = helper.make_graph(nodes, "conv1d", [t],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
 

@@ -85,9 +85,11 @@ def _megatron_layer_norm(other_mean: bool = False):
              helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1], keepdims=1),
              helper.make_node("Sub", ["x", "mean1" if other_mean else "mean"], ["d2"]),
              helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
-             helper.make_node("Div", ["d2", "std"], ["n"]), helper.make_node("Cast", ["n"], ["nc"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["d2", "std"], ["n"]),
+             helper.make_node("Cast", ["n"], ["nc"], to=TensorProto.FLOAT),
              helper.make_node("Mul", ["gamma", "nc"], ["s"]), helper.make_node("Add", ["s", "beta"], ["y"])]
-    graph = helper.make_graph(nodes, "megatron_ln", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 8])],
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 8])
+    graph = helper.make_graph(nodes, "megatron_ln", [h],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
 

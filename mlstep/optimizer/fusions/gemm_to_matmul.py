@@ -193,7 +193,8 @@ def _scalar_op(node: ir.Node) -> bool:
         return idx is not None and idx.ndim == 0 and _skip_casts(node.inputs[0]) is not None \
             and _skip_casts(node.inputs[0]).op_type == "Shape"
     return all(v is not None and ((const_array(v) is not None and const_array(v).ndim == 0) or
-                                  (v.producer() is not None and v.producer().op_type in ("Gather", "Mul", "Div", "Squeeze")
+                                  (v.producer() is not None
+                                   and v.producer().op_type in ("Gather", "Mul", "Div", "Squeeze")
                                    and (v.producer().op_type == "Squeeze" or _scalar_op(v.producer()))))
                for v in node.inputs)
 

@@ -7,8 +7,8 @@ TF writes LayerNorm as ``tf.nn.moments`` + ``tf.nn.batch_normalization``: the no
 a per-token scale ``s`` applied to x, and the mean enters through the shift. That has no PyTorch twin
 (``layer_norm.py`` matches ``(x - mean) / std``), hence this file. Cases handled: the means as
 ``ReduceMean`` over the last axis (keepdims) or tf2onnx's ``GlobalAveragePool`` on a rank-3 input (which
-averages exactly the last axis); ``SquaredDifference`` as ``Mul(d, d)`` or ``Pow(d, 2)`` with d = ``x - mean`` or ``mean - x`` (keras2onnx at opset 10; the square
-is the same); ``Rsqrt`` as
+averages exactly the last axis); ``SquaredDifference`` as ``Mul(d, d)`` or ``Pow(d, 2)`` with
+d = ``x - mean`` or ``mean - x`` (keras2onnx at opset 10; the square is the same); ``Rsqrt`` as
 ``Reciprocal(Sqrt(.))`` or ``Div(1, Sqrt(.))``; operand order via the rule set's commutation. Refused with a
 reason: a GlobalAveragePool input that is not (provably) rank 3, a reduction over another axis, a scale or
 shift that is not a constant vector of the hidden size, a negative or non-constant epsilon.
@@ -53,7 +53,8 @@ class TfLayerNormFusion(pattern.RewriteRuleClassBase):
             if kind == "pool" and rank != 3:
                 return result.fail(f"{what} is a GlobalAveragePool on a rank-{rank} input, not [batch, sequence, "
                                    "hidden]")
-        means = [diff.producer().inputs[1 if self._diff == "x-mean" else 0].producer()] + [v.producer() for v in var_eps.producer().inputs
+        mean_of_diff = diff.producer().inputs[1 if self._diff == "x-mean" else 0].producer()
+        means = [mean_of_diff] + [v.producer() for v in var_eps.producer().inputs
                                                            if v is not None and v is not eps]
         for node in (n for n in means if n is not None and n.op_type == "ReduceMean"):
             axes = _reduce_axes(node)
