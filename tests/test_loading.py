@@ -143,15 +143,19 @@ outputs and compute the same."""
         np.testing.assert_array_equal(_run(out, feeds)[0], _run(source, feeds)[0])
 
 
-def _shared_ids_model(rows=(101, 100, 10), seq: int | str = "s", reshape_first: bool = True) -> onnx.ModelProto:
-    """One ``ids`` input indexing tables of several row counts, through Reshape(-1, S) (PyTorch GPT-2) and Cast."""
+def _shared_ids_model(rows=(101, 100, 10), seq: int | str = "s") -> onnx.ModelProto:
+    """One ``ids`` input indexing tables of several row counts, through Slice (GPT-2 with past: the last token),
+    Reshape(-1, S) (PyTorch GPT-2) and Cast."""
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", seq])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.standard_normal((r, 4)).astype(np.float32), f"t{r}") for r in rows]
-    inits.append(numpy_helper.from_array(np.array([-1, 8], np.int64), "flat"))
-    nodes = [helper.make_node("Reshape", ["ids", "flat"], ["ids2"]) if reshape_first
-             else helper.make_node("Identity", ["ids"], ["ids2"]),
+    inits += [numpy_helper.from_array(np.array([-1, 4], np.int64), "flat"),
+              numpy_helper.from_array(np.array([-4], np.int64), "start"),
+              numpy_helper.from_array(np.array([2 ** 62], np.int64), "end"),
+              numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    nodes = [helper.make_node("Slice", ["ids", "start", "end", "axis"], ["last4"]),
+             helper.make_node("Reshape", ["last4", "flat"], ["ids2"]),
              helper.make_node("Cast", ["ids2"], ["ids32"], to=TensorProto.INT32)]
     for i, r in enumerate(rows):
         nodes.append(helper.make_node("Gather", [f"t{r}", "ids32" if i % 2 else "ids2"], [f"g{r}"]))

@@ -8,7 +8,8 @@ Inputs are recognised by name and dtype:
 - positions: the name contains ``position`` -> arange, counted from the first real token under left padding;
 - ids: ``input_ids`` or any other integer input -> uniform in ``[0, vocab)`` where vocab is the number of rows
   of the smallest table a Gather or an EmbedLayerNormalization indexes with it, reached through
-  Reshape/Cast/Squeeze/Unsqueeze/Flatten/Identity (one ``ids`` input may index tables of 101, 100 and 10
+  Reshape/Cast/Squeeze/Unsqueeze/Flatten and other ops that move values unchanged (Slice, Expand, Transpose,
+  Tile, Identity; one ``ids`` input may index tables of 101, 100 and 10
   rows: 10 bounds it; default 100 when no table is found);
 - any other float input -> random normal.
 Symbolic and unknown dims take the value of the same symbol elsewhere, else a value by role and position
@@ -29,7 +30,9 @@ from mlstep.errors import BadInputError
 DEFAULT_VOCAB = 100
 MS_DOMAIN = "com.microsoft"
 MAX_ELEMENTS = 1 << 26          # per input and in all (64 Mi values: 256 MiB of float32)
-_INDEX_PATH = ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")   # ops ids pass through unchanged
+# ops whose data operand (0) reaches the output with its values unchanged (reshaped, selected, repeated)
+_INDEX_PATH = ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Expand", "Transpose",
+               "Tile")
 
 
 @dataclass
