@@ -99,13 +99,15 @@ HIDDEN, VOCAB, ROWS = 8, 30, 6
 
 
 def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bool = False,
-                     sequence="seq") -> onnx.ModelProto:
+                     sequence="seq", sum_output: bool = False, reshape_ids: bool = False) -> onnx.ModelProto:
     """word[ids] + positions -> LayerNormalization (or an already fused SkipLayerNormalization), then, with
     ``mask_index``, an ORT Attention whose mask index is ReduceSum(Cast(mask, int32), axis 1).
 
     positions: "expand"   pos[Expand(Unsqueeze(Range(0, S)), Shape(ids))]  (every row arange)
                "reversed" pos[Expand(Unsqueeze(S - 1 - Range(0, S)), Shape(ids))]  (a near-miss)
                "const"    a constant [S, H] added as it is (keras2onnx), S = ROWS
+    sum_output: the embedding sum is a graph output too (GPT-2's residual reads it); reshape_ids: the word
+    Gather reads Reshape(ids, [-1, S]) (PyTorch GPT-2).
     """
     rng = np.random.default_rng(0)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -116,6 +118,14 @@ def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bo
              numpy_helper.from_array(np.array(1, np.int64), "one"),
              numpy_helper.from_array(np.array([0], np.int64), "axis0")]
     nodes = [helper.make_node("Gather", ["word", "ids"], ["w"])]
+    if reshape_ids:
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis_1"))
+        nodes = [helper.make_node("Shape", ["ids"], ["ids_shape"]),
+                 helper.make_node("Gather", ["ids_shape", "axis_1"], ["seq_1"], axis=0),
+                 helper.make_node("Concat", ["minus_one", "seq_1"], ["flat"], axis=0),
+                 helper.make_node("Reshape", ["ids", "flat"], ["ids_2d"]),
+                 helper.make_node("Gather", ["word", "ids_2d"], ["w"])]
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), "minus_one"))
     if positions == "const":
         nodes.append(helper.make_node("Identity", ["pos"], ["p"]))
     else:
@@ -146,8 +156,10 @@ def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bo
                                    num_heads=2)]
         inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", sequence]))
         out = "att"
-    graph = helper.make_graph(nodes, "embeddings", inputs,
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    if sum_output:
+        outputs.append(helper.make_tensor_value_info("sum", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "embeddings", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)],
                              ir_version=8)
 
@@ -167,7 +179,8 @@ def _assert_handmade_parity(proto: onnx.ModelProto, model: ir.Model, sequence: i
         row = [1] * (sequence - 2) + [0] * 2
         mask = np.array([[1] * sequence, row if padded == "right" else row[::-1]], dtype=np.int64)
         feeds = {"ids": ids, "mask": mask} if "mask" in names else {"ids": ids}
-        np.testing.assert_allclose(fused.run(None, feeds)[0], original.run(None, feeds)[0], atol=1e-5, rtol=1e-4)
+        for got, want in zip(fused.run(None, feeds), original.run(None, feeds), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_broadcast_arange_positions_and_reduce_sum_mask_index_fuse():
@@ -210,3 +223,14 @@ def test_handmade_near_misses_do_not_fuse(positions, sequence, says):
     assert log.fused == 0 and ops(model)[ELN] == 0
     assert any(says in reason for reason in log.refused), log.refused
     _assert_handmade_parity(proto, model)      # untouched, still the original function
+
+
+def test_embedding_sum_read_elsewhere_is_elns_third_output():
+    """GPT-2 (PyTorch 1.5, ORT's gpt2_past_mask_one_layer): ids through Reshape(ids, [-1, S]), the word +
+    position sum also read by the residual (here: a graph output) -> ELN's embedding_sum output replaces it."""
+    proto = _embedding_graph("expand", sum_output=True, reshape_ids=True)
+    model, log = _handmade_fused(proto)
+    assert log.fused == 1 and ops(model)[ELN] == 1 and ops(model)[("", "LayerNormalization")] == 0
+    node = eln_node(model)
+    assert node.outputs[2] is model.graph.outputs[1]
+    _assert_handmade_parity(proto, model)

@@ -12,6 +12,9 @@ Position ids computed per token (RoBERTa's padding-aware positions from input_id
 position_ids input as they are. Refused with a reason: ids that are not a 2-D graph input, tables whose
 widths differ, token types that are neither an input nor constant zeros.
 
+When the embedding sum is used elsewhere too (GPT-2's residual, or a graph output), ELN's third output
+(``embedding_sum``) replaces it.
+
 The mask index: when an ORT Attention already in the graph reads ``ReduceSum(Cast(mask, int32), axis 1)``
 of a 2-D graph input shaped like the ids, that mask becomes the fused node's ``mask`` input and its
 ``mask_index`` output (the same per-row count of attended tokens) replaces the ReduceSum (``absorb_mask_index``).
@@ -24,27 +27,39 @@ from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, const_array, const_shape
 from mlstep.optimizer.probe import _NP, ancestry, evaluate, is_arange
+from mlstep.optimizer.shapes import infer_content
 
 
 def _graph_input(value: ir.Value, graph_inputs) -> ir.Value | None:
-    """The 2-D integer graph input behind ``value`` (directly or through Casts)."""
+    """The 2-D integer graph input behind ``value`` (directly, through Casts, or through a Reshape to
+    [-1, S] of a [B, S] input, which PyTorch's GPT-2 writes and which changes nothing)."""
+    reshape_targets = []
     while value is not None and value not in graph_inputs:
         node = value.producer()
-        if node is None or node.op_type != "Cast":
+        if node is None or node.op_type not in ("Cast", "Reshape"):
             return None
+        if node.op_type == "Reshape":
+            reshape_targets.append(node)
         value = node.inputs[0]
     if value is None or value.shape is None or len(value.shape) != 2:
         return None
+    for node in reshape_targets:
+        target = infer_content(node.graph, node.inputs[1])
+        last = value.shape[1]
+        last = last if isinstance(last, int) else getattr(last, "value", None)
+        if target is None or len(target) != 2 or target[0] != -1 or last is None or target[1] != last:
+            return None
     return value
 
 
 class EmbedLayerNorm(pattern.RewriteRuleClassBase):
-    def __init__(self, sum_order: str, skip: str = "", const_positions: bool = False):
+    def __init__(self, sum_order: str, skip: str = "", const_positions: bool = False, with_sum: bool = False):
         """sum_order: "wp" (no token types), "wp+t" or "wt+p" (which pair is added first).
         skip: "" (the last Add then LayerNormalization), or "first"/"second": the last Add and the LayerNorm
         are an already fused SkipLayerNormalization (no bias) taking the pair as its first/second input."""
         super().__init__(f"EmbedLayerNorm_{sum_order}{'_sln_' + skip if skip else ''}"
-                         f"{'_const_positions' if const_positions else ''}")
+                         f"{'_const_positions' if const_positions else ''}{'_with_sum' if with_sum else ''}")
+        self._with_sum = with_sum   # the embedding sum is also used elsewhere (GPT-2's residual): ELN's output 2
         self._order = sum_order
         self._skip = skip
         self._const_positions = const_positions   # keras2onnx: the position rows added as one constant [S, H]
@@ -62,8 +77,14 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             pair, last = op.Add(w, op.Gather(token_type, segment_ids)), p
         if self._skip:
             a, b = (pair, last) if self._skip == "first" else (last, pair)
+            if self._with_sum:
+                normed, _mean, _inv, total = op.SkipLayerNormalization(
+                    a, b, gamma, beta, _domain=MS_DOMAIN, _outputs=["normed", "sln_mean", "sln_inv", "total"])
+                return normed, total
             return op.SkipLayerNormalization(a, b, gamma, beta, _domain=MS_DOMAIN, _outputs=["normed"])
-        return op.LayerNormalization(op.Add(pair, last), gamma, beta, _outputs=["normed"])
+        total = op.Add(pair, last, _outputs=["total"])
+        normed = op.LayerNormalization(total, gamma, beta, _outputs=["normed"])
+        return (normed, total) if self._with_sum else normed
 
     def check(self, context, word, ids, position, gamma, beta, normed, position_ids=None, token_type=None,
               segment_ids=None, **_):
@@ -100,7 +121,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, word, ids, position, gamma, beta, normed, position_ids=None, token_type=None,
-                segment_ids=None, **_):
+                segment_ids=None, **kwargs):
         graph_inputs = normed.producer().graph.inputs
         ids_in = _graph_input(ids, graph_inputs)
         position_table = position
@@ -122,6 +143,13 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         if pos_in is not None:
             args += [None, op.Cast(pos_in, to=ir.DataType.INT32)]
         eps = normed.producer().attributes.get_float("epsilon", 1e-12 if self._skip else 1e-5)
+        if self._with_sum:
+            out, _mask_index, new_total = op.EmbedLayerNormalization(*args, epsilon=eps, _domain=MS_DOMAIN,
+                                                                     _outputs=3)
+            for new, old in ((out, normed), (new_total, kwargs["total"])):   # what later checks compare
+                new.dtype = old.dtype or word.dtype
+                new.shape = old.shape
+            return out, new_total
         out, _mask_index = op.EmbedLayerNormalization(*args, epsilon=eps, _domain=MS_DOMAIN, _outputs=2)
         return out
 
@@ -233,5 +261,7 @@ def _all_zero(model: ir.Model, value: ir.Value) -> bool:
 
 FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order, skip, const)
                                                   for const in (False, True) for order in ("wt+p", "wp+t", "wp")
-                                                  for skip in ("", "first", "second")],
+                                                  for skip in ("", "first", "second")]
+                + [EmbedLayerNorm.rule(order, skip, with_sum=True) for order in ("wt+p", "wp+t", "wp")
+                   for skip in ("", "first", "second")],
                 anchor="Gather", after=absorb_mask_index)

@@ -43,7 +43,7 @@ class UnflattenGemm(pattern.RewriteRuleClassBase):
             return result.fail("Gemm weight/bias are not a constant matrix and vector")
         (x_dims,) = infer_dims(context.graph_or_function, [x])
         flat = infer_content(context.graph_or_function, flat_shape)
-        if x_dims is None and (flat == [-1, ws[0]] or _flattens_last_dim(flat_shape, x)) \
+        if (x_dims is None or None in x_dims) and (flat == [-1, ws[0]] or _flattens_last_dim(flat_shape, x)) \
                 and _leading_dims_of(out_shape, x, ws[1]):
             return result    # the outer target is built from Shape(x) itself (see the module docstring)
         target = infer_content(context.graph_or_function, out_shape)
