@@ -19,13 +19,13 @@ def prepare(model: ir.Model) -> ir.Model:
 
     Handles: Identity chains (TorchScript re-exports shared weights through Identity), Constant nodes
     (lifted into initializers so that checks read them uniformly), shape arithmetic that folds to a
-    constant, dead nodes.
+    constant, dead nodes. If/Loop/Scan bodies are left as they are (only main-graph Identities go).
     """
     from onnxscript.optimizer import fold_constants_ir
 
     from mlstep.optimizer.shapes import rebase_shapes
 
-    common.IdentityEliminationPass()(model)
+    _eliminate_identities(model)
     for _ in range(4):
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         fold_constants_ir(model, onnx_shape_inference=False, input_size_limit=1024, output_size_limit=1024)
@@ -33,6 +33,22 @@ def prepare(model: ir.Model) -> ir.Model:
         if not rebase_shapes(model):
             break
     return model
+
+
+def _eliminate_identities(model: ir.Model) -> None:
+    """onnx_ir's IdentityEliminationPass, or, when the model has subgraphs, the same on the main graph only:
+    that pass also rewires a body's Identity outputs and fails on If/Loop bodies (tf2onnx 1.6)."""
+    if not any(isinstance(attr.value, ir.Graph) or attr.type == ir.AttributeType.GRAPHS
+               for node in model.graph.all_nodes() for attr in node.attributes.values()):
+        common.IdentityEliminationPass()(model)
+        return
+    for node in list(model.graph):
+        if node.op_type != "Identity" or node.domain != "" or not node.inputs or node.inputs[0] is None:
+            continue
+        if node.outputs[0].is_graph_output():
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+        model.graph.remove(node, safe=True)
 
 
 PREPASS_DISABLED = ["MatMulScaleFusion"]

@@ -26,6 +26,7 @@ class OptimizeResult:
     log: list[FusionLog] = field(default_factory=list)
     seconds: float = 0.0
     coverage: dict[str, BlockCoverage] = field(default_factory=dict)   # kind -> blocks seen / fused
+    repairs: tuple[str, ...] = ()           # what io.load repaired in the source (as ONNX Runtime reads it)
 
     @property
     def model_type(self) -> str:
@@ -34,7 +35,8 @@ class OptimizeResult:
     def summary_lines(self) -> list[str]:
         """Coverage per block kind (``attention 1/2: layer 1: <reason>``), then each fusion's count; a fusion
         that fused nothing says why (its refusals, its kind's miss, or that the graph has no such form)."""
-        lines = [c.line() for c in self.coverage.values() if c.detected or c.fused]
+        lines = [f"repaired on load: {repair}" for repair in self.repairs]
+        lines += [c.line() for c in self.coverage.values() if c.detected or c.fused]
         misses = {name: c.misses[0] for c in self.coverage.values() if c.misses
                   for name in EXPLAINED_BY.get(c.kind, ())}
         for entry in self.log:
@@ -93,7 +95,10 @@ def _miss_reasons(model: ir.Model, ctx: FusionContext, log: list[FusionLog]):
 
 def optimize_file(path: str | Path, options: OptimizeOptions = OptimizeOptions()) -> OptimizeResult:
     path = Path(path)
-    return optimize(io.load(path), options, source_dir=path.parent)
+    loaded = io.load_with_repairs(path)
+    result = optimize(loaded.model, options, source_dir=path.parent)
+    result.repairs = loaded.repairs
+    return result
 
 
 def _cleanup(model: ir.Model) -> None:

@@ -275,7 +275,7 @@ def _infer(node: ir.Node, dims: dict, vals: dict, eq=None) -> None:  # noqa: C90
         contents = [_content(v, vals) for v in ins]
         if all(c is not None for c in contents):
             vals[id(node.outputs[0])] = [x for c in contents for x in c]
-        if all(x is not None for x in d) and len({len(x) for x in d}) == 1:
+        if all(x is not None for x in d) and d and len({len(x) for x in d}) == 1 and d[0]:   # same rank (guard)
             axis = attr.get_int("axis", 0) % len(d[0])
             out = list(d[0])
             out[axis] = _dim_sum([x[axis] for x in d])

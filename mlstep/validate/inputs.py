@@ -6,11 +6,17 @@ Inputs are recognised by name and dtype:
   (int64, int32, float, bool); with past inputs it spans ``past_sequence + sequence``;
 - token types: ``token_type_ids`` / ``segment_ids`` (or names containing them) -> 0/1 within their table;
 - positions: the name contains ``position`` -> arange, counted from the first real token under left padding;
-- ids: ``input_ids`` or any other integer input -> uniform in ``[0, vocab)`` where vocab is the first dim of
-  the table a Gather (possibly behind a Cast) or an EmbedLayerNormalization indexes with it (default 100);
+- ids: ``input_ids`` or any other integer input -> uniform in ``[0, vocab)`` where vocab is the number of rows
+  of the smallest table a Gather or an EmbedLayerNormalization indexes with it, reached through
+  Reshape/Cast/Squeeze/Unsqueeze/Flatten and other ops that move values unchanged (Slice, Expand, Transpose,
+  Tile, Identity; one ``ids`` input may index tables of 101, 100 and 10
+  rows: 10 bounds it; default 100 when no table is found);
 - any other float input -> random normal.
-Symbolic dims take the value of the same symbol elsewhere, else a value by role and position
+Symbolic and unknown dims take the value of the same symbol elsewhere, else a value by role and position
 (batch first, sequence second, past sequence second to last in past tensors); static dims are kept.
+The sequence (past + new tokens) never exceeds the rows of a position table, i.e. a table a Gather reads
+with indices computed from shapes only (``Range(0, S)`` and the like). A signature whose synthesized
+inputs would exceed ``MAX_ELEMENTS`` values is refused (BadInputError) before anything is allocated.
 """
 from __future__ import annotations
 
@@ -19,8 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from mlstep.errors import BadInputError
+
 DEFAULT_VOCAB = 100
 MS_DOMAIN = "com.microsoft"
+MAX_ELEMENTS = 1 << 26          # per input and in all (64 Mi values: 256 MiB of float32)
+# ops whose data operand (0) reaches the output with its values unchanged (reshaped, selected, repeated)
+_INDEX_PATH = ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Expand", "Transpose",
+               "Tile")
 
 
 @dataclass
@@ -51,6 +63,10 @@ def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: 
                 past_sequence = max(0, v.shape[-1] - sequence)
             elif isinstance(v.shape[-1], int):
                 sequence = v.shape[-1]
+    rows = _position_rows(model)
+    if rows is not None and past_sequence + sequence > rows:   # a position table bounds the whole sequence
+        past_sequence = min(past_sequence, rows // 2)
+        sequence = rows - past_sequence
     total = past_sequence + sequence
 
     def shape_of(v: ir.Value, role: str) -> tuple[int, ...]:
@@ -81,6 +97,7 @@ def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: 
     # Token inputs first so their symbols (batch, sequence) are named before past tensors use them.
     order = sorted(inputs, key=lambda v: roles[v.name] in ("past", "float"))
     shapes = {v.name: shape_of(v, roles[v.name]) for v in order}
+    _check_sizes(shapes)
     lengths = [total] + [max(1, total - (i * total) // max(batch, 2)) for i in range(1, batch)]
 
     cases = []
@@ -149,21 +166,21 @@ def _fit(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
                            shape).copy()
 
 
-# Ops that move index values without changing them (GPT-2 reshapes input_ids before its Gather).
-_INDEX_PRESERVING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand")
-
-
 def _table_rows(value: ir.Value, default: int) -> int:
-    """Rows of the embedding table this index input selects from (through Casts), else ``default``."""
-    frontier, seen = [value], set()
+    """Rows of the smallest embedding table this index input selects from, else ``default``.
+
+    Followed from the input through ops that pass indices on unchanged (``_INDEX_PATH``, data operand only):
+    every Gather that indexes with it and every EmbedLayerNormalization id input counts.
+    """
+    frontier, seen, rows = [value], set(), []
     while frontier:
         v = frontier.pop()
-        if v in seen:
+        if id(v) in seen:
             continue
-        seen.add(v)
+        seen.add(id(v))
         for node, index in v.uses():
             table = None
-            if node.op_type == "Cast" or (node.op_type in _INDEX_PRESERVING and index == 0):
+            if node.op_type in _INDEX_PATH and index == 0:
                 frontier.extend(node.outputs)
             elif node.op_type == "Gather" and index == 1:
                 table = node.inputs[0]
@@ -171,5 +188,54 @@ def _table_rows(value: ir.Value, default: int) -> int:
                 table = node.inputs[2 if index == 0 else 4] if len(node.inputs) > (2 if index == 0 else 4) else None
             if table is not None and table.shape is not None and len(table.shape) >= 1 \
                     and isinstance(table.shape[0], int) and table.const_value is not None:
-                return int(table.shape[0])
-    return default
+                rows.append(int(table.shape[0]))
+    return min(rows) if rows else default
+
+
+def _position_rows(model: ir.Model) -> int | None:
+    """Rows of the smallest constant table a Gather reads with indices computed from shapes alone (position
+    ids built as ``Range(0, S)``): the longest sequence the graph accepts; None when there is none."""
+    graph_inputs = {id(v) for v in model.graph.inputs}
+    rows = []
+    for node in model.graph:
+        if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        table = node.inputs[0]
+        if table is None or table.const_value is None or not table.const_value.shape.dims:
+            continue
+        if _from_shapes_only(node.inputs[1], graph_inputs):
+            rows.append(int(table.const_value.shape[0]))
+    return min(rows) if rows else None
+
+
+def _from_shapes_only(value: ir.Value, graph_inputs: set[int]) -> bool:
+    """True when ``value`` is computed (through a Range) from constants and Shape reads only, not from the
+    values of a graph input."""
+    stack, seen, ranged = [value], set(), False
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if id(v) in graph_inputs:
+            return False
+        node = v.producer()
+        if node is None:
+            continue   # an initializer
+        if node.op_type == "Shape":
+            continue
+        ranged = ranged or node.op_type == "Range"
+        stack.extend(x for x in node.inputs if x is not None)
+    return ranged
+
+
+def _check_sizes(shapes: dict[str, tuple[int, ...]]) -> None:
+    total = 0
+    for name, shape in shapes.items():
+        size = int(np.prod([int(d) for d in shape], dtype=object)) if shape else 1
+        if any(int(d) < 0 for d in shape) or size > MAX_ELEMENTS:
+            raise BadInputError(f"input {name!r} would be synthesized as {list(shape)} ({size} values, more than "
+                                f"{MAX_ELEMENTS}); pass a model whose declared input dims are sizes a test can feed")
+        total += size
+    if total > MAX_ELEMENTS:
+        raise BadInputError(f"the synthesized inputs would hold {total} values (more than {MAX_ELEMENTS})")

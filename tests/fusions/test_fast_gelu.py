@@ -1,7 +1,9 @@
 """Tanh GELU ('gelu_new') -> FastGelu with the bias absorbed: ALBERT on every layout, plus a near-miss."""
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from conftest import ATTENTIONS, LAYOUTS
 from onnx import TensorProto, helper
@@ -63,3 +65,34 @@ def test_wrong_coefficient_does_not_fuse():
     assert log.fused == 0
     assert ops(model)[("", "Tanh")] == 1
     assert any("cubic coefficient is 0.05" in reason for reason in log.refused), log.refused
+
+
+def _megatron_gelu_graph(inner_one: float = 1.0):
+    """Megatron's gelu_impl: 0.5 * x * (1 + tanh(0.79788 * x * (1 + 0.044715 * x * x))), x a Cast as exported."""
+    x = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])
+    consts = [helper.make_tensor(n, TensorProto.FLOAT, [], [v]) for n, v in
+              (("half", 0.5), ("k", 0.7978846), ("c", 0.044715), ("one_in", inner_one), ("one", 1.0))]
+    nodes = [helper.make_node("Cast", ["h"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "half"], ["hx"]), helper.make_node("Mul", ["x", "k"], ["kx"]),
+             helper.make_node("Mul", ["x", "c"], ["cx"]), helper.make_node("Mul", ["cx", "x"], ["cxx"]),
+             helper.make_node("Add", ["cxx", "one_in"], ["p_in"]), helper.make_node("Mul", ["kx", "p_in"], ["inner"]),
+             helper.make_node("Tanh", ["inner"], ["t"]), helper.make_node("Add", ["t", "one"], ["p"]),
+             helper.make_node("Mul", ["hx", "p"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], consts),
+                             opset_imports=[helper.make_opsetid("", 12)], ir_version=8)
+
+
+@pytest.mark.parametrize("inner_one", [1.0, 2.0])
+def test_megatron_factored_form(inner_one):
+    proto = _megatron_gelu_graph(inner_one)
+    model = ir.serde.deserialize_model(proto)
+    log = run_fusion(FUSION, model, CTX, explain=True)
+    fused = inner_one == 1.0
+    assert log.fused == int(fused) and ops(model)[(MS_DOMAIN, "FastGelu")] == int(fused)
+    if not fused:
+        assert any("inner offset is 2" in reason for reason in log.refused), log.refused
+    h = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h})[0]
+    np.testing.assert_allclose(run(ir.serde.serialize_model(model)), run(proto), atol=1e-5, rtol=1e-4)

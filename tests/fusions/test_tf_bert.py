@@ -168,9 +168,10 @@ def test_mask_that_is_not_a_padding_mask_does_not_fuse(tmp_path):
     assert check_parity(edited, out, "fp32", cases_for(edited)).passed
 
 
-def _tf_layer_norm_graph(shape: list, mean: str = "pool", axis: int = -1) -> onnx.ModelProto:
+def _tf_layer_norm_graph(shape: list, mean: str = "pool", axis: int = -1, diff: str = "x-mean") -> onnx.ModelProto:
     """TF's batchnorm-form LayerNorm on an input of ``shape``, its means as tf2onnx's GlobalAveragePool
-    or as ReduceMean over ``axis``."""
+    or as ReduceMean over ``axis``; the squared difference as (x - mean)^2 or, as keras2onnx writes it at
+    opset 10, (mean - x)^2."""
     hidden = shape[-1]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
@@ -183,7 +184,7 @@ def _tf_layer_norm_graph(shape: list, mean: str = "pool", axis: int = -1) -> onn
             return helper.make_node("GlobalAveragePool", [src], [dst])
         return helper.make_node("ReduceMean", [src], [dst], axes=[axis], keepdims=1)
 
-    nodes = [average("x", "mean"), helper.make_node("Sub", ["x", "mean"], ["d"]),
+    nodes = [average("x", "mean"), helper.make_node("Sub", ["x", "mean"] if diff == "x-mean" else ["mean", "x"], ["d"]),
              helper.make_node("Mul", ["d", "d"], ["sq"]), average("sq", "var"),
              helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["std"]),
              helper.make_node("Reciprocal", ["std"], ["inv"]), helper.make_node("Mul", ["inv", "gamma"], ["s"]),
@@ -203,9 +204,9 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 CTX = FusionContext("bert_tf", 0, 8)
 
 
-@pytest.mark.parametrize("mean", ["pool", "reduce"])
-def test_tf_layer_norm_rank3_fuses_with_parity(mean):
-    proto = _tf_layer_norm_graph(["b", "s", 8], mean)
+@pytest.mark.parametrize("mean,diff", [("pool", "x-mean"), ("reduce", "x-mean"), ("reduce", "mean-x")])
+def test_tf_layer_norm_rank3_fuses_with_parity(mean, diff):
+    proto = _tf_layer_norm_graph(["b", "s", 8], mean, diff=diff)
     model = ir.serde.deserialize_model(proto)
     assert run_fusion(layer_norm_tf.FUSION, model, CTX).fused == 1
     assert counts(model)[("", "LayerNormalization")] == 1 and counts(model)[("", "GlobalAveragePool")] == 0
@@ -221,8 +222,9 @@ def test_global_average_pool_over_two_axes_does_not_fuse():
     assert any("rank-4" in line for line in log.refused), log.refused
 
 
-def test_reduce_mean_over_another_axis_does_not_fuse():
-    model = ir.serde.deserialize_model(_tf_layer_norm_graph(["b", 8, 8], "reduce", axis=1))
+@pytest.mark.parametrize("diff", ["x-mean", "mean-x"])
+def test_reduce_mean_over_another_axis_does_not_fuse(diff):
+    model = ir.serde.deserialize_model(_tf_layer_norm_graph(["b", 8, 8], "reduce", axis=1, diff=diff))
     log = run_fusion(layer_norm_tf.FUSION, model, CTX, explain=True)
     assert log.fused == 0
     assert any("not the last axis" in line for line in log.refused), log.refused
@@ -258,3 +260,50 @@ def test_tensordot_that_does_not_restore_the_leading_dims_is_kept():
     log = run_fusion(tensordot.FUSION, model, CTX, explain=True)
     assert log.fused == 0
     assert any("does not restore" in line for line in log.refused), log.refused
+
+
+def _keras_tensordot_graph(inner: list[int], heads: bool = False) -> onnx.ModelProto:
+    """keras2onnx's Tensordot: the flatten target computed at run time,
+    Cast(Concat(Unsqueeze(ReduceProd(Gather(Cast(Shape(x)), [0, 1]))), Unsqueeze(ReduceProd(Gather(.., inner)))));
+    x is [b, s, 8], or [b, s, 2, 4] whose heads the flatten merges (``heads``)."""
+    shape = ["b", "s", 2, 4] if heads else ["b", "s", 8]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w"),
+             onnx.numpy_helper.from_array(np.array([0, 1], dtype=np.int64), "free"),
+             onnx.numpy_helper.from_array(np.array(inner, dtype=np.int64), "inner"),
+             onnx.numpy_helper.from_array(np.array([6], dtype=np.int32), "n")]
+    nodes = [helper.make_node("Shape", ["x"], ["shape64"]), helper.make_node("Cast", ["shape64"], ["shape"], to=6),
+             helper.make_node("Gather", ["shape", "free"], ["lead"], axis=0),
+             helper.make_node("Gather", ["shape", "inner"], ["contracted"], axis=0),
+             helper.make_node("ReduceProd", ["lead"], ["rows"], axes=[0], keepdims=0),
+             helper.make_node("ReduceProd", ["contracted"], ["cols"], axes=[0], keepdims=0),
+             helper.make_node("Unsqueeze", ["rows"], ["rows1"], axes=[0]),
+             helper.make_node("Unsqueeze", ["cols"], ["cols1"], axes=[0]),
+             helper.make_node("Concat", ["rows1", "cols1"], ["flat32"], axis=0),
+             helper.make_node("Cast", ["flat32"], ["flat"], to=7),
+             helper.make_node("Concat", ["lead", "n"], ["back32"], axis=0),
+             helper.make_node("Cast", ["back32"], ["back"], to=7),
+             helper.make_node("Reshape", ["x", "flat"], ["x2"]), helper.make_node("MatMul", ["x2", "w"], ["m"]),
+             helper.make_node("Reshape", ["m", "back"], ["y"])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 11)], ir_version=6)
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_keras_tensordot_with_run_time_flatten_becomes_matmul(heads):
+    proto = _keras_tensordot_graph([2, 3] if heads else [2], heads=heads)   # [b, s, 2, 4]: axes 2, 3 contracted
+    model = ir.serde.deserialize_model(proto)
+    assert run_fusion(tensordot.FUSION, model, CTX).fused == 1
+    assert counts(model)[("", "MatMul")] == 1
+    x = np.random.default_rng(1).standard_normal((2, 5, 2, 4) if heads else (2, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(model), x), _run(proto, x), atol=1e-5, rtol=1e-4)
+
+
+def test_keras_tensordot_contracting_another_axis_is_kept():
+    """The run-time flatten reads the sequence axis as the contracted one ([b * 8, s]): refused, unknown."""
+    model = ir.serde.deserialize_model(_keras_tensordot_graph([1]))
+    log = run_fusion(tensordot.FUSION, model, CTX, explain=True)
+    assert log.fused == 0
+    assert any("the flattening reshape is" in line for line in log.refused), log.refused

@@ -5,7 +5,9 @@
 Handles the forms exporters write below opset 17 (TorchScript): the square as ``Pow(d, 2)`` or
 ``Mul(d, d)``; the division as ``Div(d, std)`` or ``Mul(d, Reciprocal(std))``; ``ReduceMean`` axes as an
 attribute (opset < 18) or an input (18+); the scale and/or the shift may be missing (ones / zeros).
-Operand order of Add/Mul is covered by the rule set's commutation.
+Operand order of Add/Mul is covered by the rule set's commutation. Megatron's export (PyTorch 1.9) writes
+``x - mean`` twice (one Sub for the square, one for the division: ``twin``) and a Cast to the input's
+float type around the division (``cast``, checked to be a no-op Cast).
 
 ONNX Runtime registers LayerNormalization in the default domain for every opset, so the fused node is
 valid in an opset-14 model too.
@@ -40,9 +42,11 @@ def _rank(value: ir.Value) -> int | None:
 class LayerNormFusion(pattern.RewriteRuleClassBase):
     """One decomposed form; variants by flags (square, inverse, scale, shift)."""
 
-    def __init__(self, name: str, *, square: str, inverse: str, scale: bool, shift: bool):
+    def __init__(self, name: str, *, square: str, inverse: str, scale: bool, shift: bool, twin: bool = False,
+                 cast: bool = False):
         super().__init__(name)
         self._square, self._inverse, self._scale, self._shift = square, inverse, scale, shift
+        self._twin, self._cast = twin, cast
 
     def pattern(self, op, x, two, eps, gamma, beta):
         mean = op.ReduceMean(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["mean"])
@@ -50,15 +54,20 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
         sq = op.Pow(d, two) if self._square == "pow" else op.Mul(d, d)
         var = op.ReduceMean(sq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["var"])
         std = op.Sqrt(op.Add(var, eps))
-        y = op.Div(d, std) if self._inverse == "div" else op.Mul(d, op.Reciprocal(std))
+        d2 = op.Sub(x, mean) if self._twin else d
+        y = op.Div(d2, std) if self._inverse == "div" else op.Mul(d2, op.Reciprocal(std))
+        if self._cast:
+            y = op.Cast(y, _outputs=["cast_out"])
         if self._scale:
             y = op.Mul(y, gamma)
         if self._shift:
             y = op.Add(y, beta)
         return y
 
-    def check(self, context, x, two, eps, gamma, beta, mean, var, **_) -> pattern.MatchResult:
+    def check(self, context, x, two, eps, gamma, beta, mean, var, cast_out=None, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
+        if self._cast and (x.dtype is None or cast_out.producer().attributes.get_int("to") != x.dtype):
+            return result.fail(f"the Cast around the division is not to the input's type ({x.dtype})")
         rank = _rank(x)
         for name, value in (("mean", mean), ("variance", var)):
             node = value.producer()
@@ -132,6 +141,11 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
         for square, inverse in itertools.product(("pow", "mul"), ("div", "reciprocal")):
             name = f"LayerNorm[{square},{inverse}{',scale' if scale else ''}{',shift' if shift else ''}]"
             rules.append(LayerNormFusion.rule(name, square=square, inverse=inverse, scale=scale, shift=shift))
+    for square, twin, cast in itertools.product(("pow", "mul"), (True, False), (True, False)):
+        if twin or cast:   # Megatron's forms, with its scale and shift
+            name = f"LayerNorm[{square},div,scale,shift{',twin' if twin else ''}{',cast' if cast else ''}]"
+            rules.append(LayerNormFusion.rule(name, square=square, inverse="div", scale=True, shift=True, twin=twin,
+                                              cast=cast))
     return rules
 
 

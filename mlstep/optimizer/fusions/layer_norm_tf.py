@@ -7,7 +7,8 @@ TF writes LayerNorm as ``tf.nn.moments`` + ``tf.nn.batch_normalization``: the no
 a per-token scale ``s`` applied to x, and the mean enters through the shift. That has no PyTorch twin
 (``layer_norm.py`` matches ``(x - mean) / std``), hence this file. Cases handled: the means as
 ``ReduceMean`` over the last axis (keepdims) or tf2onnx's ``GlobalAveragePool`` on a rank-3 input (which
-averages exactly the last axis); ``SquaredDifference`` as ``Mul(d, d)`` or ``Pow(d, 2)``; ``Rsqrt`` as
+averages exactly the last axis); ``SquaredDifference`` as ``Mul(d, d)`` or ``Pow(d, 2)`` with
+d = ``x - mean`` or ``mean - x`` (keras2onnx at opset 10; the square is the same); ``Rsqrt`` as
 ``Reciprocal(Sqrt(.))`` or ``Div(1, Sqrt(.))``; operand order via the rule set's commutation. Refused with a
 reason: a GlobalAveragePool input that is not (provably) rank 3, a reduction over another axis, a scale or
 shift that is not a constant vector of the hidden size, a negative or non-constant epsilon.
@@ -29,13 +30,14 @@ def _mean(op, x, name: str):
 
 
 class TfLayerNormFusion(pattern.RewriteRuleClassBase):
-    def __init__(self, name: str, *, square: str):
+    def __init__(self, name: str, *, square: str, diff: str = "x-mean"):
         super().__init__(name)
         self._square = square
+        self._diff = diff
 
     def pattern(self, op, x, two, eps, one, gamma, beta):
         mean = _mean(op, x, "mean")
-        d = op.Sub(x, mean, _outputs=["diff"])
+        d = op.Sub(x, mean, _outputs=["diff"]) if self._diff == "x-mean" else op.Sub(mean, x, _outputs=["diff"])
         sq = op.Mul(d, d) if self._square == "mul" else op.Pow(d, two)
         var = _mean(op, sq, "var")
         std = op.Sqrt(op.Add(var, eps, _outputs=["var_eps"]))
@@ -51,7 +53,8 @@ class TfLayerNormFusion(pattern.RewriteRuleClassBase):
             if kind == "pool" and rank != 3:
                 return result.fail(f"{what} is a GlobalAveragePool on a rank-{rank} input, not [batch, sequence, "
                                    "hidden]")
-        means = [diff.producer().inputs[1].producer()] + [v.producer() for v in var_eps.producer().inputs
+        mean_of_diff = diff.producer().inputs[1 if self._diff == "x-mean" else 0].producer()
+        means = [mean_of_diff] + [v.producer() for v in var_eps.producer().inputs
                                                            if v is not None and v is not eps]
         for node in (n for n in means if n is not None and n.op_type == "ReduceMean"):
             axes = _reduce_axes(node)
@@ -83,7 +86,8 @@ class TfLayerNormFusion(pattern.RewriteRuleClassBase):
 
 
 def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
-    return [TfLayerNormFusion.rule(f"TfLayerNorm[{square}]", square=square) for square in ("mul", "pow")]
+    return [TfLayerNormFusion.rule(f"TfLayerNorm[{square},{diff}]", square=square, diff=diff)
+            for square in ("mul", "pow") for diff in ("x-mean", "mean-x")]
 
 
 FUSION = Fusion("layer_norm_tf", _rules, anchor="Sqrt")
