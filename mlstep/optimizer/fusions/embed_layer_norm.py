@@ -243,7 +243,8 @@ def _shape_only_mask(model: ir.Model, node: ir.Node, ids: ir.Value | None) -> bo
                                           for size in ((2, 5), (3, 11))])
     except Exception:  # noqa: BLE001
         return False
-    return all(out.shape == size and bool(np.all((out == 0) | (out == 1))) for out, size in zip(outs, ((2, 5), (3, 11))))
+    return all(out.shape == size and bool(np.all((out == 0) | (out == 1)))
+               for out, size in zip(outs, ((2, 5), (3, 11))))
 
 
 def _mask_count_of(node: ir.Node, graph_inputs, ids: ir.Value | None) -> ir.Value | None:
