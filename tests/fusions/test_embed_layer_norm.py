@@ -99,7 +99,8 @@ HIDDEN, VOCAB, ROWS = 8, 30, 6
 
 
 def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bool = False,
-                     sequence="seq", sum_output: bool = False, reshape_ids: bool = False) -> onnx.ModelProto:
+                     sequence="seq", sum_output: bool = False, reshape_ids: bool = False,
+                     mask_fill: int = 0) -> onnx.ModelProto:
     """word[ids] + positions -> LayerNormalization (or an already fused SkipLayerNormalization), then, with
     ``mask_index``, an ORT Attention whose mask index is ReduceSum(Cast(mask, int32), axis 1).
 
@@ -107,7 +108,8 @@ def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bo
                "reversed" pos[Expand(Unsqueeze(S - 1 - Range(0, S)), Shape(ids))]  (a near-miss)
                "const"    a constant [S, H] added as it is (keras2onnx), S = ROWS
     sum_output: the embedding sum is a graph output too (GPT-2's residual reads it); reshape_ids: the word
-    Gather reads Reshape(ids, [-1, S]) (PyTorch GPT-2).
+    Gather reads Reshape(ids, [-1, S]) (PyTorch GPT-2). mask_fill: the counted mask is not an input but
+    ConstantOfShape(Shape(ids), mask_fill) (ORT's embed_layer_norm_format9 builds all ones).
     """
     rng = np.random.default_rng(0)
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
@@ -150,11 +152,16 @@ def _embedding_graph(positions: str = "expand", root: str = "ln", mask_index: bo
         inits += [numpy_helper.from_array(0.3 * f32(HIDDEN, 3 * HIDDEN), "qkv_w"),
                   numpy_helper.from_array(0.1 * f32(3 * HIDDEN), "qkv_b"),
                   numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+        if mask_fill:
+            fill = helper.make_tensor("fill", TensorProto.INT64, [1], [mask_fill])
+            nodes += [helper.make_node("Shape", ["ids"], ["ids_shape_m"]),
+                      helper.make_node("ConstantOfShape", ["ids_shape_m"], ["mask"], value=fill)]
         nodes += [helper.make_node("Cast", ["mask"], ["mask32"], to=TensorProto.INT32),
                   helper.make_node("ReduceSum", ["mask32", "axis1"], ["mask_index"], keepdims=0),
                   helper.make_node("Attention", ["emb", "qkv_w", "qkv_b", "mask_index"], ["att"], domain=MS_DOMAIN,
                                    num_heads=2)]
-        inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", sequence]))
+        if not mask_fill:
+            inputs.append(helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", sequence]))
         out = "att"
     outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
     if sum_output:
@@ -233,4 +240,15 @@ def test_embedding_sum_read_elsewhere_is_elns_third_output():
     assert log.fused == 1 and ops(model)[ELN] == 1 and ops(model)[("", "LayerNormalization")] == 0
     node = eln_node(model)
     assert node.outputs[2] is model.graph.outputs[1]
+    _assert_handmade_parity(proto, model)
+
+
+@pytest.mark.parametrize("fill", [1, 2])
+def test_mask_built_from_the_ids_shape(fill):
+    """All ones from ConstantOfShape(Shape(ids)) (ORT's format9) becomes ELN's mask; a tensor of 2s (a near-miss:
+    not a 0/1 mask) leaves the ReduceSum as it is. Both compute the original."""
+    proto = _embedding_graph("expand", mask_index=True, mask_fill=fill)
+    model, log = _handmade_fused(proto)
+    assert log.fused == 1 and ops(model)[ELN] == 1
+    assert ops(model)[("", "ReduceSum")] == (0 if fill == 1 else 1)
     _assert_handmade_parity(proto, model)

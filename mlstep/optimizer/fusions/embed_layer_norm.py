@@ -198,16 +198,18 @@ def _rows_arange(model: ir.Model, position_ids: ir.Value) -> bool:
 
 
 def absorb_mask_index(model: ir.Model) -> None:
-    """ELN's mask_index output for an Attention's ``ReduceSum(Cast(mask, int32), axes=[1], keepdims=0)``."""
+    """ELN's mask_index output for an Attention's ``ReduceSum(Cast(mask, int32), axes=[1], keepdims=0)``. The
+    counted tensor becomes ELN's mask input: a 2-D mask graph input shaped like the ids, or a 0/1 tensor computed
+    from the ids' shape only (ORT's test graphs build an all-ones mask as ``ConstantOfShape(Shape(ids))``)."""
     graph = model.graph
     for eln in [n for n in graph if n.op_type == "EmbedLayerNormalization" and n.domain == MS_DOMAIN]:
         if len(eln.inputs) > 7 and eln.inputs[7] is not None or len(eln.outputs) < 2:
             continue
         ids = _graph_input(eln.inputs[0], graph.inputs)
         for node in list(graph):
-            mask = _mask_count_of(node, graph.inputs, ids)
-            if mask is None or not all(u.op_type == "Attention" and u.domain == MS_DOMAIN and i == 3
-                                       for u, i in node.outputs[0].uses()):
+            counted = _mask_count_of(node, graph.inputs, ids) is not None or _shape_only_mask(model, node, ids)
+            if not counted or not all(u.op_type == "Attention" and u.domain == MS_DOMAIN and i == 3
+                                      for u, i in node.outputs[0].uses()):
                 continue
             cast = node.inputs[0]    # the int32 mask the ReduceSum reads
             inputs = list(eln.inputs) + [None] * (7 - len(eln.inputs))
@@ -218,6 +220,31 @@ def absorb_mask_index(model: ir.Model) -> None:
             ir.convenience.replace_all_uses_with(node.outputs[0], eln.outputs[1])
             graph.remove(node, safe=True)
             break
+
+
+def _shape_only_mask(model: ir.Model, node: ir.Node, ids: ir.Value | None) -> bool:
+    """ReduceSum over axis 1 (no keepdims) of an int32 0/1 tensor computed from the ids' shape only and shaped
+    like the ids, for any batch and sequence (probed at two sizes)."""
+    if ids is None or node.op_type != "ReduceSum" or node.domain != "" or node.attributes.get_int("keepdims", 1):
+        return False
+    counted = node.inputs[0]
+    cast = counted.producer() if counted is not None else None
+    if cast is None or cast.op_type != "Cast" or cast.attributes.get_int("to") != ir.DataType.INT32:
+        return False
+    axes = node.attributes.get("axes")
+    axes = list(axes.as_ints()) if axes is not None else (
+        [int(a) for a in const_array(node.inputs[1]).reshape(-1)] if len(node.inputs) > 1
+        and const_array(node.inputs[1]) is not None else None)
+    anc = ancestry(model.graph, counted)
+    if axes not in ([1], [-1]) or anc.data_inputs or any(v is not ids for v in anc.shape_inputs):
+        return False
+    try:
+        outs = evaluate(model, counted, [{ids.name: np.zeros(size, dtype=_NP.get(ids.dtype, np.int64))}
+                                          for size in ((2, 5), (3, 11))])
+    except Exception:  # noqa: BLE001
+        return False
+    return all(out.shape == size and bool(np.all((out == 0) | (out == 1)))
+               for out, size in zip(outs, ((2, 5), (3, 11))))
 
 
 def _mask_count_of(node: ir.Node, graph_inputs, ids: ir.Value | None) -> ir.Value | None:
