@@ -63,32 +63,41 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
     detected = detect(model, options)
     blocks = census(model, detected.model_type)     # the blocks to fuse, counted before any fusion
     ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu)
-    log = []
+    log, traced = [], {}
     for fusion in FUSION_ORDER:
         if fusion.name in options.disabled_fusions:
             log.append(FusionLog(fusion.title, refused=["disabled by option"]))
             continue
         log.append(run_fusion(fusion, model, ctx, explain=options.verbose))
-    coverage = tally(blocks, model, count_fused_ops(model), _miss_reasons(model, ctx, log))
+        kind = _kind_of(fusion.title, ctx.model_type)
+        if not options.verbose and kind and not _complete(blocks, model, kind):
+            # a block of its kind is left: ask why now, before a later fusion changes the graph
+            traced[fusion.title] = explain_misses(fusion, model, ctx) or \
+                explain_misses(fusion, model, ctx, unmatched=True)
+    coverage = tally(blocks, model, count_fused_ops(model), _miss_reasons(ctx.model_type, log, traced))
     if options.input_int32:
         input_int32(model)
     _cleanup(model)
     return OptimizeResult(model, detected, count_fused_ops(model), log, time.perf_counter() - start, coverage)
 
 
-def _miss_reasons(model: ir.Model, ctx: FusionContext, log: list[FusionLog]):
-    """kind -> the refusals that explain its unfused blocks: from the log (verbose), else traced when asked
-    (only for a kind that missed a block: a fully fused model pays nothing)."""
-    by_title = {entry.name: entry for entry in log}
-    by_name = {f.title: f for f in FUSION_ORDER}
+def _kind_of(title: str, model_type: str) -> str | None:
+    """The block kind a fusion's refusals explain (attention: the family's own form, encoder or causal)."""
+    if title in ("attention", "causal_attention"):
+        return "attention" if (title == "causal_attention") == (model_type == "gpt2") else None
+    return next((kind for kind, titles in EXPLAINED_BY.items() if title in titles), None)
 
+
+def _complete(blocks, model: ir.Model, kind: str) -> bool:
+    return tally(blocks, model, count_fused_ops(model), lambda _: [])[kind].complete
+
+
+def _miss_reasons(model_type: str, log: list[FusionLog], traced: dict[str, list[str]]):
+    """kind -> the refusals that explain its unfused blocks: the log's (verbose) or those traced right after the
+    fusion ran (only where it left a block of its kind: a fully fused model pays nothing)."""
     def reasons(kind: str) -> list[str]:
-        titles = [t for t in EXPLAINED_BY[kind] if t in by_title and t in by_name]
-        lines = [line for t in titles
-                 for line in (by_title[t].refused or explain_misses(by_name[t], model, ctx))]
-        if not lines:   # no check was reached: say where the layout stopped matching
-            lines = [line for t in titles for line in explain_misses(by_name[t], model, ctx, unmatched=True)]
-        return lines
+        return [line for entry in log if _kind_of(entry.name, model_type) == kind
+                for line in (entry.refused or traced.get(entry.name, []))]
 
     return reasons
 

@@ -9,7 +9,8 @@ whose dimensions are all known into ``Shape``-slices of graph inputs and constan
 Cases handled: elementwise ops with broadcasting, Cast and unary math, LayerNormalization, Softmax,
 Gather, MatMul, Transpose, Unsqueeze/Squeeze, Reshape and Expand with shapes built from Shape/Gather/
 Unsqueeze/Concat/constants, Range(0, n, 1), ConstantOfShape, GlobalAveragePool (tf2onnx's last-axis mean),
-Gather of several entries of a shape vector (TF's GatherV2 of [0, 1]).
+Gather of several entries of a shape vector (TF's GatherV2 of [0, 1]), GatherElements, Range(start, limit)
+with a symbolic start (past offsets), and small numeric contents folded (values.py asks).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ _BROADCAST = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Greate
 
 
 def rebase_shapes(model: ir.Model) -> int:
+    from mlstep.optimizer.values import DimEq, merge_recorded
+
     graph = model.graph
     dims: dict[int, Dims] = _input_dims(graph)   # id(value) -> dims
     vals: dict[int, list[Dim]] = {}   # id(value) -> symbolic content of a small 1-D int tensor
@@ -39,14 +42,18 @@ def rebase_shapes(model: ir.Model) -> int:
         for j, name in enumerate(dims.get(id(inp), [])):
             if isinstance(name, str):
                 where.setdefault(name, (inp, j))
+    eq = DimEq(set(where))   # dims the graph makes equal to an input's, whatever the exporter called them
     rewritten = 0
     for node in list(graph):
-        _infer(node, dims, vals)
+        _infer(node, dims, vals, eq)
+        for value in node.outputs:
+            merge_recorded(value, dims, eq)
         if node.op_type == "Shape" and node.domain == "":
             src = node.inputs[0]
             if src in graph.inputs:
                 continue
             content = vals.get(id(node.outputs[0]))
+            content = None if content is None else [eq.find(d) for d in content]
             if content is None or any(d is None or (isinstance(d, str) and d not in where) for d in content):
                 continue   # unknown, or a symbolic sum no single input dimension carries
             replacement, created = _materialise(graph, node, content, where)
@@ -236,6 +243,13 @@ def _infer(node: ir.Node, dims: dict, vals: dict, eq=None) -> None:  # noqa: C90
         idx = _const_ints(ins[1])
         if content is not None and idx is not None and idx and all(-len(content) <= i < len(content) for i in idx):
             vals[id(node.outputs[0])] = [content[i] for i in idx]   # one index or a list (TF's GatherV2)
+    elif op == "GatherElements" and len(d) > 1 and d[1] is not None:
+        out = list(d[1])   # the indices' shape (RoBERTa's buffered token types gathered at the positions)
+        if eq is not None and d[0] is not None and len(d[0]) == len(d[1]):
+            axis = attr.get_int("axis", 0) % len(d[0])
+            for i, (a, b) in enumerate(zip(d[0], d[1])):
+                if i != axis and a != 1 and b != 1:
+                    eq.union(a, b)
     elif op == "MatMul" and d[0] is not None and d[1] is not None and len(d[0]) >= 2 and len(d[1]) >= 2:
         batch = _broadcast([d[0][:-2], d[1][:-2]], eq) if (d[0][:-2] or d[1][:-2]) else []
         out = None if batch is None else batch + [d[0][-2], d[1][-1]]

@@ -77,11 +77,31 @@ class DimEq:
         self.parent[a] = b
 
 
+def merge_recorded(value: ir.Value, dims: dict, eq: DimEq) -> None:
+    """A value's recorded shape (the exporter's annotation) against the inferred one: unknown inferred dims
+    take the recorded ones, known ones are unified with them (``unk__N`` meets ``batch``); a dim recorded
+    without a name becomes a symbol of its own, so that later semantics can still unify it."""
+    if value.shape is None:
+        return
+    recorded = [d if isinstance(d, int) else (_spelling(d.value) or f"{value.name}:{j}")
+                for j, d in enumerate(value.shape)]
+    inferred = dims.get(id(value))
+    if inferred is None or len(inferred) != len(recorded):
+        dims[id(value)] = recorded if inferred is None else inferred
+        return
+    for j, (a, b) in enumerate(zip(inferred, recorded)):
+        if a is None:
+            inferred[j] = b
+        else:
+            eq.union(a, b)
+
+
 class Facts:
     """What one forward pass over the graph decided. Build it with ``facts(graph)`` when a check needs it;
     it is a snapshot (a rewrite afterwards invalidates it)."""
 
-    def __init__(self, graph: ir.Graph, until: list[ir.Value | None] | None = None):
+    def __init__(self, graph: ir.Graph, until: list[ir.Value | None] | None = None,
+                 excluding: ir.Node | None = None):
         self.graph = graph
         self._dims: dict[int, Dims] = _input_dims(graph)
         self._vals: dict[int, list] = {}
@@ -89,27 +109,15 @@ class Facts:
         self.eq = DimEq(preferred)
         wanted = {id(v) for v in until or [] if v is not None and v.producer() is not None}
         for node in graph:
+            if node is excluding:   # its dims still flow on, but what it would imply is not evidence
+                _infer(node, self._dims, self._vals, None)
+                continue
             _infer(node, self._dims, self._vals, self.eq)
             for value in node.outputs:
-                self._merge_recorded(value)
+                merge_recorded(value, self._dims, self.eq)
                 wanted.discard(id(value))
             if until is not None and not wanted:
                 break   # facts about a value need only what precedes it in topological order
-
-    def _merge_recorded(self, value: ir.Value) -> None:
-        if value.shape is None:
-            return
-        recorded = [d if isinstance(d, int) else (_spelling(d.value) or f"{value.name}:{j}")
-                    for j, d in enumerate(value.shape)]
-        inferred = self._dims.get(id(value))
-        if inferred is None or len(inferred) != len(recorded):
-            self._dims[id(value)] = recorded if inferred is None else inferred
-            return
-        for j, (a, b) in enumerate(zip(inferred, recorded)):
-            if a is None:
-                inferred[j] = b
-            else:
-                self.eq.union(a, b)
 
     # --- facts ------------------------------------------------------------------------------------
 
@@ -151,7 +159,11 @@ class Facts:
         return float(arr.reshape(-1)[0])
 
 
-def facts(graph: ir.Graph | ir.Function, until: list[ir.Value | None] | None = None) -> Facts:
-    """The facts of ``graph``; with ``until``, the forward pass stops once those values are reached (what is
-    decided about them then is all that their ancestors, and the nodes before them, imply)."""
-    return Facts(graph if isinstance(graph, ir.Graph) else graph.graph, until)
+def facts(graph: ir.Graph | ir.Function, until: list[ir.Value | None] | None = None,
+          excluding: ir.Node | None = None) -> Facts:
+    """The facts of ``graph``. With ``until``, the forward pass stops once those values are reached (enough for
+    constants: they depend only on ancestors). With ``excluding``, that node's own semantics are not taken as
+    evidence: a fusion replacing an elementwise op must not prove its operands equal by that very op (a
+    size-1 dim would broadcast there), but every other op in the graph counts, before or after it (GPT-2's
+    mask broadcast against the scores shows ``total_sequence`` = ``sequence`` after the embedding sum)."""
+    return Facts(graph if isinstance(graph, ir.Graph) else graph.graph, until, excluding)

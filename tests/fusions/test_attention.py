@@ -197,7 +197,7 @@ def test_a_row_with_nothing_to_attend_to_matches_too(exported, tmp_path, exporte
 
 # --- the attention scale computed at run time (transformers 4.x / Optimum exports) -----------------
 
-from runtime_scale import export_encoder_runtime_scale  # noqa: E402
+from wild_exports import export_encoder_runtime_scale  # noqa: E402
 
 RUNTIME_SCALE = [("bert", 14), ("bert", 17), ("distilbert", 17), ("roberta", 17), ("albert", 14)]
 
@@ -260,3 +260,23 @@ def test_runtime_scale_from_the_sequence_axis_does_not_fuse(exported_runtime_sca
     log = run_fusion(FUSION, model, CTX, explain=True)
     assert log.fused == 0
     assert any("scale" in reason for reason in log.refused), log.refused
+
+
+from wild_exports import export_encoder_auto_dims  # noqa: E402
+
+
+@pytest.mark.parametrize("family,heads,head_size", [("albert", 9, 16), ("roberta", 6, 12)])
+def test_separate_batch_symbols_and_odd_heads_fuse(export_dir, tmp_path, family, heads, head_size):
+    """dynamo with Dim.AUTO: input_ids and attention_mask carry different batch symbols, and the export reads
+    Shape(K) to rebuild K^T; the value analysis shows the dims equal, so the shape read is rebased and the
+    attention fuses (was: 'Matched nodes have other uses' and no reason given)."""
+    path = export_encoder_auto_dims(family, export_dir / f"{family}-dynamo18-auto-{heads}x{head_size}.onnx",
+                                    heads, head_size)
+    model = ir.load(path)
+    batch = [v.shape[0] for v in model.graph.inputs]
+    assert len({d.value for d in batch}) == 2                     # two spellings of one batch
+    prepare(model)
+    log = run_fusion(FUSION, model, CTX, explain=True)
+    assert log.fused == 2, log.refused
+    assert all(n.attributes.get_int("num_heads") == heads for n in attention_nodes(model))
+    assert_parity(path, model, tmp_path)

@@ -210,7 +210,7 @@ def test_near_miss_does_not_fuse(exported_gpt2, tmp_path, exporter, opset, atten
 
 # --- layouts from the wild: the runtime scale (transformers 4.x), a sliding window that short probes miss -----
 
-from runtime_scale import export_gpt2_runtime_scale  # noqa: E402
+from wild_exports import export_gpt2_runtime_scale  # noqa: E402
 
 
 @pytest.mark.parametrize("with_past", [False, True])

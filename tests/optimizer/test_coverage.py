@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "fusions"))
 from conftest import cancellation_model  # noqa: E402
-from runtime_scale import export_encoder_runtime_scale  # noqa: E402
+from wild_exports import export_encoder_runtime_scale  # noqa: E402
 
 from mlstep.export import ExportSpec  # noqa: E402
 from mlstep.optimizer import OptimizeOptions, optimize  # noqa: E402

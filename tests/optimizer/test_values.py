@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "fusions"))
-from runtime_scale import export_encoder_runtime_scale  # noqa: E402
+from wild_exports import export_encoder_runtime_scale  # noqa: E402
 
 from mlstep.optimizer.passes import prepare  # noqa: E402
 from mlstep.optimizer.values import facts  # noqa: E402

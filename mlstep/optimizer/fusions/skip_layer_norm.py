@@ -58,7 +58,7 @@ class SkipLayerNormFusion(pattern.RewriteRuleClassBase):
                 return result.fail("biased addend is not MatMul output + bias")
             if vector_of(bias, hidden) is None:
                 return result.fail(f"addend bias is not a 1-D constant of hidden length {hidden}")
-        known = facts(context.graph_or_function, until=[first, b])   # equal dims, whatever their names
+        known = facts(context.graph_or_function, excluding=total.producer())   # equal dims, whatever their names
         da, db = known.dims(first), known.dims(b)
         if da is None or db is None:
             return result.fail(f"cannot show the addends have the same shape ({da} vs {db})")
