@@ -25,17 +25,10 @@ SLOW_SEEDS = tuple(s for s in range(int(os.environ.get("MLSTEP_SWEEP_DRAWS", "16
 
 # config id -> the reason mlstep gives for not fusing it fully (on the engine of this branch).
 KNOWN_GAPS: dict[str, str] = {
-    "s2-bert-ts14-eager-L3-H12x13-v660-nott-masked-lm":
-        "skip_layer_norm: cannot show the addends have the same shape (None vs None)",
-    "s9-albert-dynamo18-sdpa-L3-H9x16-v554-nott-base":
-        "attention: fused 0/3 and no reason given (only causal_attention: the attention mask does not block "
-        "future or padded tokens (not causal))",
     "s13-roberta-dynamo18-sdpa-L2-H6x49-v173-nott-base":
-        "attention: fused 0/2 and no reason given; embed_layer_norm: token type ids are neither a graph input nor "
-        "constant zeros",
+        "embedding: token type ids are neither a graph input nor constant zeros (RoBERTa's sliced zeros buffer)",
     "s23-roberta-ts14-sdpa-L2-H10x21-v313-nott-sequence-classification":
-        "attention: fused 0/2 and no reason given; skip_layer_norm: cannot show the addends have the same shape "
-        "(None vs None); embed_layer_norm: token type ids are neither a graph input nor constant zeros",
+        "embedding: token type ids are neither a graph input nor constant zeros (RoBERTa's sliced zeros buffer)",
 }
 
 
