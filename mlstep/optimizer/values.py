@@ -40,6 +40,11 @@ from mlstep.optimizer.fusions._base import const_array
 from mlstep.optimizer.shapes import Dim, Dims, _content, _infer, _input_dims, _numeric, _spelling
 
 
+# Ops whose every output element is an element of their first (data) input.
+_SELECTING = frozenset({"Identity", "Reshape", "Flatten", "Unsqueeze", "Squeeze", "Transpose", "Expand", "Tile",
+                        "Slice", "Gather", "GatherElements", "GatherND"})
+
+
 @dataclass
 class DimEq:
     """Union-find over dims: ints are their own roots; a symbol may be bound to an int or to another symbol.
@@ -157,6 +162,42 @@ class Facts:
         if arr is None or arr.size != 1:
             return None
         return float(arr.reshape(-1)[0])
+
+    def uniform(self, value: ir.Value | None) -> int | float | None:
+        """The number ``c`` when every element of ``value`` equals ``c`` for every input, else None.
+
+        Decided from a constant whose elements are all equal (an initializer, a Constant, ``ConstantOfShape``,
+        or what ``constant`` folds), carried through ops that only move, repeat or select elements of their
+        data input: Identity, Reshape, Flatten, Unsqueeze, Squeeze, Transpose, Expand, Tile, Slice, Gather,
+        GatherElements, GatherND, and Cast (which converts ``c``); ``Where`` of two equal uniform branches.
+        The index inputs of the gathers may depend on the model's inputs (RoBERTa picks its all-zeros
+        token-type buffer at its per-token positions): whatever they select is ``c``. transformers reads
+        token types from such a buffer (sliced to the sequence, expanded to [batch, sequence]) when the
+        model is called without them."""
+        seen: set[int] = set()
+        while value is not None and id(value) not in seen:
+            seen.add(id(value))
+            arr = self.constant(value)
+            if arr is not None:
+                flat = np.asarray(arr).reshape(-1)
+                return flat[0].item() if flat.size and bool(np.all(flat == flat[0])) else None
+            node = value.producer()
+            if node is None:
+                return None
+            if node.op_type == "ConstantOfShape" and node.domain == "":
+                attr = node.attributes.get("value")
+                return 0 if attr is None else np.asarray(attr.as_tensor().numpy()).reshape(-1)[0].item()
+            if node.op_type == "Cast" and node.domain == "":
+                c = self.uniform(node.inputs[0])
+                to = ir.DataType(node.attributes.get_int("to"))
+                return None if c is None else np.asarray(c).astype(to.numpy()).item()
+            if node.op_type == "Where" and node.domain == "" and len(node.inputs) == 3:
+                a, b = self.uniform(node.inputs[1]), self.uniform(node.inputs[2])
+                return a if a is not None and a == b else None
+            if node.op_type not in _SELECTING or node.domain != "" or not node.inputs:
+                return None
+            value = node.inputs[0]
+        return None
 
 
 def facts(graph: ir.Graph | ir.Function, until: list[ir.Value | None] | None = None,

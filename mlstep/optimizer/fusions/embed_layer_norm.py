@@ -6,11 +6,14 @@
 Cases handled: the three addends in any order (commuted), with or without token types; position ids that
 are ``arange(sequence)`` however the exporter built them (probed, see probe.py), also broadcast to
 [batch, sequence] (``Expand(Unsqueeze(Range(0, S)), [B, S])``: every row is arange), or a position_ids graph
-input (passed through); token-type ids that are a constant all-zeros index (BERT called without
-token_type_ids): row 0 of the token-type table is folded into the position table, which is exact.
+input (passed through); token-type ids whose every element is one constant row index ``c`` (BERT and
+RoBERTa called without token_type_ids read them from an all-zeros buffer, sliced to the sequence and expanded
+to [batch, sequence], RoBERTa gathered at its per-token positions; the value analysis decides it, see
+``Facts.uniform``): row ``c`` of the token-type table is then the same addend at every position and is folded
+into the position table, which is exact; ELN's segment inputs are optional and are left out.
 Position ids computed per token (RoBERTa's padding-aware positions from input_ids) are fed to ELN's
 position_ids input as they are. Refused with a reason: ids that are not a 2-D graph input, tables whose
-widths differ, token types that are neither an input nor constant zeros.
+widths differ, token types that are neither an input nor one constant row for every token.
 
 When the embedding sum is used elsewhere too (GPT-2's residual, or a graph output), ELN's third output
 (``embedding_sum``) replaces it.
@@ -28,6 +31,7 @@ from onnxscript.rewriter import pattern
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, const_array, const_shape
 from mlstep.optimizer.probe import _NP, ancestry, evaluate, is_arange
 from mlstep.optimizer.shapes import infer_content
+from mlstep.optimizer.values import facts
 
 
 def _graph_input(value: ir.Value, graph_inputs) -> ir.Value | None:
@@ -65,6 +69,7 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         self._const_positions = const_positions   # keras2onnx: the position rows added as one constant [S, H]
         self._with_tt = "t" in sum_order
         self._arange_memo: dict[str, bool] = {}   # per-run memo of the position-ids probe (check -> rewrite)
+        self._row_memo: dict[str, int] = {}       # per-run memo: the one token-type row of constant segment ids
 
     def pattern(self, op, word, ids, position, position_ids, token_type, segment_ids, gamma, beta):
         w = op.Gather(word, ids)
@@ -109,15 +114,21 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             if sequence != table.shape[0]:
                 return result.fail(f"constant position rows {table.shape[0]} added to ids of sequence {sequence} "
                                    "(not a static dim equal to it)")
-            return self._check_token_types(model, inputs, segment_ids, result)
+            return self._check_token_types(model, inputs, segment_ids, token_type, result)
         self._arange_memo[position_ids.name] = is_arange(model, position_ids) or _rows_arange(model, position_ids)
         if not self._arange_memo[position_ids.name] and not _position_input(model, position_ids):
             return result.fail("position ids are not arange(sequence) and not a [batch, sequence] integer tensor")
-        return self._check_token_types(model, inputs, segment_ids, result)
+        return self._check_token_types(model, inputs, segment_ids, token_type, result)
 
-    def _check_token_types(self, model, inputs, segment_ids, result):
-        if self._with_tt and _graph_input(segment_ids, inputs) is None and not _all_zero(model, segment_ids):
-            return result.fail("token type ids are neither a graph input nor constant zeros")
+    def _check_token_types(self, model, inputs, segment_ids, token_type, result):
+        if not self._with_tt or _graph_input(segment_ids, inputs) is not None:
+            return result
+        row = facts(model.graph, until=[segment_ids]).uniform(segment_ids)
+        rows = const_shape(token_type)[0]
+        if row is None or not float(row).is_integer() or not -rows <= int(row) < rows:
+            return result.fail("token type ids are neither a graph input nor one constant row of the token-type "
+                               f"table for every token ({'not shown all equal' if row is None else row})")
+        self._row_memo[segment_ids.name] = int(row)
         return result
 
     def rewrite(self, op, word, ids, position, gamma, beta, normed, position_ids=None, token_type=None,
@@ -133,11 +144,11 @@ class EmbedLayerNorm(pattern.RewriteRuleClassBase):
             seg_in = _graph_input(segment_ids, graph_inputs)
             if seg_in is not None:
                 segment, tt_table = op.Cast(seg_in, to=ir.DataType.INT32), token_type
-            else:  # constant zero token types: fold row 0 into the position table
-                rows = _position_table(position)
-                folded = rows + const_array(token_type)[0][None, :]
+            else:  # one constant token type c for every token: fold row c into the position table
+                rows, row = _position_table(position), self._row_memo[segment_ids.name]
+                folded = rows + const_array(token_type)[row][None, :]
                 position_table = op.initializer(ir.tensor(folded.astype(rows.dtype)),
-                                                name=f"{position.name}_plus_{token_type.name}_row0")
+                                                name=f"{position.name}_plus_{token_type.name}_row{row}")
         pos_in = None if self._const_positions or self._arange_memo[position_ids.name] else position_ids
         args = [op.Cast(ids_in, to=ir.DataType.INT32), segment, word, position_table, tt_table, gamma, beta]
         if pos_in is not None:
@@ -272,18 +283,6 @@ def _mask_count_of(node: ir.Node, graph_inputs, ids: ir.Value | None) -> ir.Valu
     differ = [a != b for a, b in zip(mask.shape, ids.shape) if isinstance(a, int) and isinstance(b, int)
               or (getattr(a, "value", None) and getattr(b, "value", None))]
     return None if any(differ) else mask
-
-
-def _all_zero(model: ir.Model, value: ir.Value) -> bool:
-    if ancestry(model.graph, value).data_inputs:
-        return False
-    try:
-        feeds = [{v.name: np.zeros((2, 5), dtype=_NP.get(v.dtype, np.int64)) for v in model.graph.inputs
-                  if v.shape is not None and len(v.shape) == 2}]
-        (out,) = evaluate(model, value, feeds)
-    except Exception:  # noqa: BLE001
-        return False
-    return out.size > 0 and not np.any(out)
 
 
 FUSION = Fusion("embed_layer_norm", lambda ctx: [EmbedLayerNorm.rule(order, skip, const)
