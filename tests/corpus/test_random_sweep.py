@@ -24,12 +24,7 @@ ALWAYS_SEEDS = (2, 6, 7, 9, 23)
 SLOW_SEEDS = tuple(s for s in range(int(os.environ.get("MLSTEP_SWEEP_DRAWS", "16"))) if s not in ALWAYS_SEEDS)
 
 # config id -> the reason mlstep gives for not fusing it fully (on the engine of this branch).
-KNOWN_GAPS: dict[str, str] = {
-    "s13-roberta-dynamo18-sdpa-L2-H6x49-v173-nott-base":
-        "embedding: token type ids are neither a graph input nor constant zeros (RoBERTa's sliced zeros buffer)",
-    "s23-roberta-ts14-sdpa-L2-H10x21-v313-nott-sequence-classification":
-        "embedding: token type ids are neither a graph input nor constant zeros (RoBERTa's sliced zeros buffer)",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def params(seeds, slow: bool) -> list:

@@ -1,6 +1,6 @@
 """Embeddings + LayerNorm -> com.microsoft EmbedLayerNormalization: every family on two layouts, BERT
-without token types (constant zeros folded), parity under right and left padding at batch 3, and a
-near-miss (constant reversed position ids) that must not fuse."""
+and RoBERTa without token types (their constant row folded, RoBERTa's all-equal buffer included), parity under right and left padding at batch 3, and a
+near-miss (constant reversed position ids; a token-type buffer that is not all equal) that must not fuse."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from test_attention import MASKS, _const, assert_parity, feeds_for, graph_input_behind, session
 from test_gelu import CTX, ops
 
-from mlstep.export import ENCODER_FAMILIES, ExportSpec
+from mlstep.export import ENCODER_FAMILIES, ExportSpec, build_model, export_encoder, tiny_config
 from mlstep.optimizer.fusions import layer_norm
 from mlstep.optimizer.fusions._base import MS_DOMAIN, run_fusion
 from mlstep.optimizer.fusions.embed_layer_norm import FUSION
@@ -64,6 +64,53 @@ def test_bert_without_token_types_folds_zeros(exported, tmp_path, exporter, opse
     assert len(node.inputs) < 2 or node.inputs[1] is None          # no segment ids fed
     assert len(node.inputs) < 5 or node.inputs[4] is None          # token-type table folded away
     assert_parity(path, model, tmp_path, PADDED)
+
+
+@pytest.mark.parametrize("exporter,opset,attention", LAYOUTS_USED)
+def test_roberta_without_token_types_folds_its_buffer(exported, tmp_path, exporter, opset, attention):
+    """RoBERTa reads token types from its all-zeros buffer gathered at its padding-aware positions (which depend
+    on input_ids): every element is 0 whatever the ids, so row 0 is folded and nothing is fed as segments."""
+    path = exported(ExportSpec("roberta", exporter, opset, attention, token_type_ids=False))
+    assert "token_type_ids" not in [i.name for i in session(path).get_inputs()]
+    model, log = fused_model(path)
+    assert log.fused == 1
+    node = eln_node(model)
+    assert len(node.inputs) < 2 or node.inputs[1] is None          # no segment ids fed
+    assert len(node.inputs) < 5 or node.inputs[4] is None          # token-type table folded away
+    assert node.inputs[3].name.endswith("_row0")
+    assert len(node.inputs) > 8 and node.inputs[8] is not None     # the per-token positions still fed
+    assert_parity(path, model, tmp_path, PADDED)
+
+
+def export_roberta_buffer(path, fill) -> str:
+    """A TorchScript RoBERTa without a token_type_ids input whose token-type buffer is edited by ``fill``."""
+    import torch
+
+    model = build_model(tiny_config("roberta", "sdpa", type_vocab_size=3))
+    with torch.no_grad():
+        fill(model.embeddings.token_type_ids)
+    return export_encoder(model, path, "torchscript", 14, token_type_ids=False)
+
+
+def test_roberta_buffer_of_one_nonzero_row_folds_that_row(tmp_path):
+    path = export_roberta_buffer(tmp_path / "ones.onnx", lambda buf: buf.fill_(2))
+    model, log = fused_model(path)
+    assert log.fused == 1
+    assert eln_node(model).inputs[3].name.endswith("_row2")
+    assert_parity(path, model, tmp_path, PADDED)
+
+
+def test_roberta_buffer_not_all_equal_does_not_fuse(tmp_path):
+    """Near-miss: token type 1 at position 4 of the buffer (positions 2.. are read): no single row to fold."""
+    path = export_roberta_buffer(tmp_path / "mixed.onnx", lambda buf: buf[0, 4].fill_(1))
+    names = [i.name for i in session(path).get_inputs()]
+    zeros = export_roberta_buffer(tmp_path / "zeros.onnx", lambda buf: None)
+    feed = feeds_for(names, MASKS["right"])     # the edit changes what the model computes
+    assert not np.allclose(session(path).run(None, feed)[0], session(zeros).run(None, feed)[0], atol=1e-3)
+    model, log = fused_model(path, explain=True)
+    assert log.fused == 0
+    assert ops(model)[ELN] == 0
+    assert any("token type ids" in r and "not shown all equal" in r for r in log.refused), log.refused
 
 
 def reverse_positions(model: ir.Model) -> None:

@@ -134,3 +134,52 @@ def test_numbers_follow_onnx_semantics():
     known = facts(model.graph)
     assert known.constant(_value(model, "third")).tolist() == [2]
     assert known.scalar(_value(model, "scale")) == pytest.approx(1 / np.sqrt(8))
+
+
+def _uniform_graph(buffer: np.ndarray, cast_to: int = TensorProto.INT64) -> ir.Model:
+    """RoBERTa's token types without an input: its [1, 10] buffer expanded to [batch, 10] and gathered at
+    per-token positions computed from input_ids, then Slice / Unsqueeze / Squeeze / Cast."""
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        helper.make_node("Unsqueeze", ["batch", "axes0"], ["batch1"]),
+        helper.make_node("Concat", ["batch1", "minus1"], ["target"], axis=0),
+        helper.make_node("Expand", ["buffer", "target"], ["expanded"]),
+        helper.make_node("Add", ["input_ids", "two"], ["positions"]),
+        helper.make_node("GatherElements", ["expanded", "positions"], ["picked"], axis=1),
+        helper.make_node("Slice", ["picked", "starts", "ends", "axes1"], ["sliced"]),
+        helper.make_node("Unsqueeze", ["sliced", "axes0"], ["u"]),
+        helper.make_node("Squeeze", ["u", "axes0"], ["s"]),
+        helper.make_node("Cast", ["s"], ["token_types"], to=cast_to),
+        helper.make_node("ConstantOfShape", ["shape"], ["filled"],
+                         value=numpy_helper.from_array(np.array([3], dtype=np.int64))),
+        helper.make_node("Where", ["cond", "filled", "filled"], ["where"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in (
+        ("buffer", buffer), ("zero", np.array(0, np.int64)), ("axes0", np.array([0], np.int64)),
+        ("minus1", np.array([-1], np.int64)), ("two", np.array(2, np.int64)), ("starts", np.array([0], np.int64)),
+        ("ends", np.array([4], np.int64)), ("axes1", np.array([1], np.int64)))]
+    graph = helper.make_graph(
+        nodes, "uniform",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("token_types", cast_to, None),
+         helper.make_tensor_value_info("where", TensorProto.INT64, None)], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_uniform_through_selecting_ops_whatever_the_indices():
+    model = _uniform_graph(np.zeros((1, 10), np.int64))
+    known, values = facts(model.graph), {v.name: v for v in model.graph.outputs}
+    assert known.uniform(values["token_types"]) == 0
+    assert known.uniform(values["where"]) == 3                 # ConstantOfShape, both Where branches
+    assert known.uniform(model.graph.inputs[0]) is None       # a graph input: anything
+
+
+def test_uniform_cast_converts_and_a_single_different_element_is_not_uniform():
+    model = _uniform_graph(np.full((1, 10), 2, np.int64), cast_to=TensorProto.FLOAT)
+    assert facts(model.graph).uniform(model.graph.outputs[0]) == 2.0
+    mixed = np.zeros((1, 10), np.int64)
+    mixed[0, 9] = 1
+    model = _uniform_graph(mixed)
+    assert facts(model.graph).uniform(model.graph.outputs[0]) is None
