@@ -1,6 +1,7 @@
 """Embeddings + LayerNorm -> com.microsoft EmbedLayerNormalization: every family on two layouts, BERT
-and RoBERTa without token types (their constant row folded, RoBERTa's all-equal buffer included), parity under right and left padding at batch 3, and a
-near-miss (constant reversed position ids; a token-type buffer that is not all equal) that must not fuse."""
+and RoBERTa without token types (their one constant row folded, RoBERTa's all-equal buffer included), parity
+under right and left padding at batch 3, and near-misses (constant reversed position ids; a token-type buffer
+that is not all equal) that must not fuse."""
 from __future__ import annotations
 
 import numpy as np
