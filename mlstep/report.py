@@ -30,18 +30,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlstep.errors import OutputError
+from mlstep.redact import SECRET_ENV, scrub  # noqa: F401  (re-exported: mlstep.report.scrub keeps working)
 
 GATE_STATES = ("passed", "failed", "skipped", "not_gated")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "GITHUB_TOKEN", "GH_TOKEN")
 
 
 @dataclass
@@ -54,17 +51,6 @@ class VariantFacts:
     latency: Any = None                        # mlstep.bench.LatencyStats of the variant
     baseline: Any = None                       # mlstep.bench.LatencyStats of the unoptimized source
     registered: str | None = None
-
-
-def scrub(text: str) -> str:
-    """Remove credentials from ``text``: user info in URIs (``https://user:pw@host`` -> ``https://***@host``)
-    and the value of any secret environment variable (``SECRET_ENV``) that is set."""
-    text = _USERINFO.sub("***@", text)
-    for name in SECRET_ENV:
-        secret = os.environ.get(name, "")
-        if len(secret) >= 4 and secret in text:
-            text = text.replace(secret, "***")
-    return text
 
 
 def build_report(source: str, model_type: str, num_heads: int, hidden_size: int, options: Mapping[str, Any],

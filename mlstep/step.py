@@ -115,6 +115,8 @@ class PublishSettings:
                 registry.check_alias(alias)
         if self.register_as is not None and not self.register_as.strip():
             raise UsageError("--register-as needs a model name")
+        if self.register_as is not None:
+            registry.check_name(self.register_as, "--register-as name")
         return self
 
     @property
@@ -214,7 +216,7 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                                       hidden_size=optimized.detected.hidden_size,
                                       options=_options_dict(options, settings), variants=facts,
                                       optimizer_seconds=optimized.seconds,
-                                      mlflow=store.record(resolved, register_as) if store else None)
+                                      mlflow=registry.record(store, resolved, register_as) if store else None)
                 if gates is not None:
                     from mlstep.bench.gates import apply_to_report
                     apply_to_report(report, gates)   # gate.latency passed|failed, gate.passed (before registering)
@@ -222,14 +224,18 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
                     write_report(report, tmp, fusion_log=fusion_log)
             if register_as:
                 with _stage(listener, "register", register_as) as note:
-                    try:
-                        store.publish(report, resolved, paths, register_as=register_as, aliases=publish.alias_map,
-                                      write=lambda r: write_report(r, tmp, fusion_log=fusion_log),
-                                      evidence=evidence_files(tmp), experiment=publish.experiment)
-                    except RegistryError as err:
-                        registry_error = err
-                    if not (tmp / "report.json").is_file():
+                    pub = registry.publish(store, registry.request_from_report(
+                        report, resolved, paths, register_as=register_as, aliases=publish.alias_map,
+                        experiment=publish.experiment))
+                    _record_publication(report, store, resolved, register_as, pub)
+                    files = write_report(report, tmp, fusion_log=fusion_log)
+                    had_error = pub.error
+                    pub = registry.finish(store, pub, files, evidence_files(tmp), gates_passed(report))
+                    if pub.error != had_error:          # the report says what the store kept
+                        _record_publication(report, store, resolved, register_as, pub)
                         write_report(report, tmp, fusion_log=fusion_log)
+                    if pub.error:
+                        registry_error = RegistryError(pub.message())
                     note(_registration_text(report))
             listener.start("commit", str(output_dir))
             committing = time.perf_counter()
@@ -249,7 +255,7 @@ def _resolve(source, publish: PublishSettings, stack: contextlib.ExitStack):
     wants_registration = publish.register and (from_mlflow or bool(publish.register_as))
     store = None
     if from_mlflow or wants_registration:
-        store = registry.Registry()
+        store = registry.Store()
         if not from_mlflow:
             store.ping()                 # a dead server fails now, not after the optimizer's minutes
     resolved = stack.enter_context(registry.materialize(source, store, identify_local=wants_registration))
@@ -260,6 +266,14 @@ def _resolve(source, publish: PublishSettings, stack: contextlib.ExitStack):
             raise UsageError(f"{resolved.uri}: no registered model to add the variants to; "
                              "pass --register-as NAME (or --no-register)")
     return resolved, store, register_as
+
+
+def _record_publication(report: dict, store, resolved, register_as: str, pub) -> None:
+    """The registry's result into the report: the ``mlflow`` section and ``variants.*.registered``."""
+    report["mlflow"] = registry.record(store, resolved, register_as, pub)
+    for name, facts in report["variants"].items():
+        reg = pub.registrations.get(name)
+        facts["registered"] = reg.uri if reg is not None else None
 
 
 def evidence_files(directory: Path) -> dict[Path, str | None]:

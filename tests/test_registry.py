@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from mlstep import registry
 from mlstep.export import ExportSpec
 from mlstep.optimizer.options import OptimizeOptions
 
@@ -121,8 +122,11 @@ def test_registered_model_gets_two_gate_passed_versions(first_step, client, tmp_
     assert options_hash == OptimizeOptions(float16=True).hash()
     for number, variant in (("2", "fp32"), ("3", "fp16")):
         version = found[number]
-        assert version.tags == {"mlstep.variant": variant, "mlstep.source": "models:/tiny-bert/1",
-                                "mlstep.options_hash": options_hash, "mlstep.gates": "passed"}
+        tags = dict(version.tags)
+        assert len(tags.pop("mlstep.sha256")) == 64 and len(tags.pop("mlstep.source_sha256")) == 64
+        assert tags.pop("mlstep.key") == registry.idempotency_key(record["source"]["sha256"], options_hash)
+        assert tags == {"mlstep.variant": variant, "mlstep.source": "models:/tiny-bert/1",
+                        "mlstep.options_hash": options_hash, "mlstep.gates": "passed"}
         assert version.run_id == record["run_id"]
         assert version.source.startswith("models:/m-")          # an MLflow 3 LoggedModel
         assert variant in version.description and "parity" in version.description
@@ -190,7 +194,8 @@ def test_rerun_registers_nothing_and_completes_a_half_done_registration(first_st
     assert third.returncode == 0, third.stderr + third.stdout
     report = json.loads((tmp_path / "third" / "report.json").read_text())
     regs = report["mlflow"]["registrations"]
-    assert regs["fp32"] == {"status": "existing", "uri": "models:/tiny-bert/2", "alias": "optimized-fp32"}
+    assert {k: regs["fp32"][k] for k in ("status", "uri", "alias")} == {
+        "status": "existing", "uri": "models:/tiny-bert/2", "alias": "optimized-fp32"}
     assert regs["fp16"]["status"] == "registered" and regs["fp16"]["uri"] == "models:/tiny-bert/4"
     after = versions(client, "tiny-bert")
     assert sorted(after) == ["1", "2", "4"]
