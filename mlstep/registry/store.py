@@ -112,7 +112,9 @@ class Store:
 
     def __init__(self, uri: str | None = None, registry_uri: str | None = None):
         self.uri = check_uri(uri, "tracking URI") if uri else tracking_uri()
-        registry = registry_uri or os.environ.get("MLFLOW_REGISTRY_URI", "").strip()
+        # The environment names the registry only for the environment's store (mlflow.set_registry_uri
+        # writes that variable too: a store given explicitly must not inherit an earlier one's registry).
+        registry = registry_uri or ("" if uri else os.environ.get("MLFLOW_REGISTRY_URI", "").strip())
         self.registry_uri = check_uri(registry, "MLFLOW_REGISTRY_URI") if registry else self.uri
         configure()
         import mlflow

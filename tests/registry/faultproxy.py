@@ -175,6 +175,8 @@ class FaultProxy:
                     if key.lower() not in HOP:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")     # no connection outlives this proxy (or its rules)
+                self.close_connection = True
                 self.end_headers()
                 self.wfile.write(payload)
 
