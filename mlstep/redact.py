@@ -15,11 +15,12 @@ traceback fit to print.
 """
 from __future__ import annotations
 
+import base64
 import os
 import re
 import traceback
 from collections.abc import Mapping
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 MASK = "***"
 SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET",
@@ -35,16 +36,22 @@ _QUERY_SECRET = re.compile(r"(?i)([?&;](?:[a-z0-9_.-]*(?:token|password|passwd|p
 
 
 def secrets(env: Mapping[str, str] | None = None) -> list[str]:
-    """The secret values set in ``env`` (default: this process's environment), longest first."""
+    """The secret values set in ``env`` (default: this process's environment) in every spelling a message
+    may carry (raw, percent-decoded, percent-encoded, and the Basic authorization header), longest first."""
     env = os.environ if env is None else env
-    found = {env.get(name, "") for name in SECRET_ENV}
+    values = {env.get(name, "") for name in SECRET_ENV}
+    found: set[str] = set()
     for name in URI_ENV:
         uri = env.get(name, "")
         match = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#\s]*)@", uri)
         if match:
             userinfo = match.group(1)
-            password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
-            found |= {userinfo, unquote(userinfo), password, unquote(password)}
+            user, _, password = unquote(userinfo).partition(":")
+            values |= {userinfo, password, unquote(password)}
+            basic = f"{unquote(user)}:{unquote(password)}".encode()
+            found.add(base64.b64encode(basic).decode())
+    for value in filter(None, values):
+        found |= {value, unquote(value), quote(value, safe=""), quote(value, safe=":"), quote(unquote(value), safe=":")}
     return sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True)
 
 

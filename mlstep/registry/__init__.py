@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from mlstep.registry.promote import Promotion
+from mlstep.registry.promote import Promotion, check_request
 from mlstep.registry.promote import promote as _promote
 from mlstep.registry.publish import (DEFAULT_ALIASES, DEFAULT_EXPERIMENT, TAG_GATES, TAG_KEY, TAG_OPTIONS_HASH,
                                      TAG_SHA256, TAG_SOURCE_SHA256, Publication, PublishRequest, Registration,
@@ -23,6 +23,7 @@ Registry = Store            # the name the step used before the split
 
 def promote(uri: str, alias: str, store: Store | None = None) -> Promotion:
     """``mlstep promote``: see :mod:`mlstep.registry.promote`."""
+    check_request(uri, alias)           # a bad request fails before any store is opened (or created)
     return _promote(store or Store(), uri, alias)
 
 

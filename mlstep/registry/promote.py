@@ -38,16 +38,13 @@ class Promotion:
 def promote(store: Store, uri: str, alias: str) -> Promotion:
     """Point ``alias`` at the version ``uri`` names (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``)
     when the evidence holds (module docstring); ``GateFailedError`` names what is missing."""
-    check_alias(alias)
+    kind, name, second = check_request(uri, alias)
     shown = scrub(uri)
-    kind, name, second = parse_uri(uri) if uri.startswith("models:/") else ("other", "", None)
     client = store.client
     if kind == "alias":
         version = store.call(shown, client.get_model_version_by_alias, name, second)
-    elif kind == "version" and second != "latest":
-        version = store.call(shown, client.get_model_version, name, second)
     else:
-        raise BadInputError(f"{shown}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        version = store.call(shown, client.get_model_version, name, second)
     concrete = f"models:/{version.name}/{version.version}"
     why = _evidence_missing(store, version, concrete)
     if why:
@@ -57,6 +54,15 @@ def promote(store: Store, uri: str, alias: str) -> Promotion:
         previous = str(store.call("alias", client.get_model_version_by_alias, version.name, alias).version)
     store.call(f"alias {alias}", client.set_registered_model_alias, version.name, alias, version.version)
     return Promotion(version.name, str(version.version), alias, previous)
+
+
+def check_request(uri: str, alias: str) -> tuple[str, str, str]:
+    """``(kind, name, version-or-alias)`` of a promote request, checked before any store is touched."""
+    check_alias(alias)
+    kind, name, second = parse_uri(uri) if uri.startswith("models:/") else ("other", "", None)
+    if kind not in ("alias", "version") or second == "latest":
+        raise BadInputError(f"{scrub(uri)}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    return kind, name, second
 
 
 def _evidence_missing(store: Store, version, concrete: str) -> str | None:

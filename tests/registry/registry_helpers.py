@@ -6,12 +6,14 @@ the step calls them, without the optimizer's minutes. Also runnable as a script 
 from __future__ import annotations
 
 import json
+import zlib
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from mlstep import registry
@@ -54,6 +56,44 @@ def step_publish(store: registry.Store, source: str, name: str, variants: dict[s
             path = Path(tmp) / "report.json"
             path.write_text(json.dumps(report))
             return registry.finish(store, pub, [path], {}, all(passed.get(v, True) for v in variants))
+
+
+# ------------------------------------------------------------ fixtures (imported by the registry test modules)
+
+@pytest.fixture()
+def proxy(mlflow_server):
+    from faultproxy import FaultProxy
+
+    with FaultProxy(mlflow_server) as p:
+        yield p
+
+
+@pytest.fixture()
+def fast_retries(monkeypatch):
+    """Few, quick retries: a dead store is reported in seconds (the retry is what duplicates a POST)."""
+    from mlstep.registry import store
+
+    store.configure()
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+        monkeypatch.setenv(var, value)
+    return monkeypatch
+
+
+@pytest.fixture()
+def client(mlflow_server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+
+
+@pytest.fixture()
+def files(tmp_path) -> dict[str, Path]:
+    """A source and two variant files (real ONNX models, distinct bytes), unique to the test."""
+    seed = zlib.crc32(tmp_path.name.encode()) % 10_000
+    return {"source": tiny_model(tmp_path / "src" / "model.onnx", seed),
+            "fp32": tiny_model(tmp_path / "fp32" / "model.onnx", seed + 1),
+            "fp16": tiny_model(tmp_path / "fp16" / "model.onnx", seed + 2)}
 
 
 def as_dict(pub: registry.Publication) -> dict:

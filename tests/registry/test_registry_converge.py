@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("mlflow")
+
 from mlstep import registry
 from mlstep.errors import BadInputError
 
 from registry_helpers import OPTIONS_HASH, step_publish
+from registry_helpers import client, fast_retries, files, proxy  # noqa: F401  (fixtures)
 
 CREATE = "/model-versions/create"
 HELPER = Path(__file__).with_name("registry_helpers.py")
