@@ -316,22 +316,34 @@ def test_failed_gate_registers_only_the_passing_variant_and_promote_checks_the_g
     assert "models:/gated@champion -> models:/gated/1" in ok.stdout
     assert client.get_model_version_by_alias("gated", "champion").version == "1"
 
-    # A version whose gates failed (tagged by hand here: mlstep itself never registers one).
+    # Promotion needs evidence from the version's own run, not a tag: hand-made versions are refused.
+    run_id = report["mlflow"]["run_id"]
     source = client.get_model_version("gated", "1").source
-    failed = client.create_model_version("gated", source, model_id=source.removeprefix("models:/"),
-                                         tags={"mlstep.gates": "failed", "mlstep.variant": "fp16"})
-    refused = mlstep("promote", f"models:/gated/{failed.version}", "--alias", "champion", tracking=mlflow_server)
-    line = one_line_error(refused, 1)
-    assert "'failed'" in line and "champion" in line
-    untagged = mlstep("promote", "models:/tiny-bert@candidate", "--alias", "champion", tracking=mlflow_server)
-    assert "no mlstep.gates tag" in one_line_error(untagged, 1)
+    model_id = source.removeprefix("models:/")
+    cases = {
+        "its run's report says the fp16 gate failed": dict(run_id=run_id, tags={"mlstep.gates": "failed",
+                                                                                "mlstep.variant": "fp16"}),
+        "does not name this version": dict(run_id=run_id, tags={"mlstep.gates": "passed", "mlstep.variant": "fp32"}),
+        "is not an mlstep run": dict(run_id=register_source(mlflow_server, cancellation_model(tmp_path / "o.onnx"),
+                                                            "other", alias=None)[1],
+                                     tags={"mlstep.gates": "passed", "mlstep.variant": "fp32"}),
+    }
+    for why, kwargs in cases.items():
+        forged = client.create_model_version("gated", source, model_id=model_id, **kwargs)
+        refused = mlstep("promote", f"models:/gated/{forged.version}", "--alias", "champion", tracking=mlflow_server)
+        line = one_line_error(refused, 1)
+        assert why in line and "champion" in line, (why, line)
+    untagged = mlstep("promote", "models:/other/1", "--alias", "champion", tracking=mlflow_server)
+    assert "no mlstep.variant tag" in one_line_error(untagged, 1)
     assert client.get_model_version_by_alias("gated", "champion").version == "1"
     missing = mlstep("promote", "models:/gated/77", "--alias", "champion", tracking=mlflow_server)
     assert "not found" in one_line_error(missing, 2)
 
 
 def test_no_secret_in_logs_params_tags_or_artifacts(mlflow_server, client, tiny_bert, tmp_path):
-    password, token = "pw-Zq8s3cret", "tok-Jx2Vv9secret"
+    """A password with a raw '@', ':' and '%' in the URI, a token in the environment: neither reaches any
+    output, artifact, param, tag, the job summary, nor a debug traceback (MLSTEP_DEBUG=1)."""
+    password, token = "pw-Zq8@s3:cr%et", "tok-Jx2Vv9secret"
     secret_uri = mlflow_server.replace("http://", "http://alice:" + password + "@")
     env = {"MLFLOW_TRACKING_TOKEN": token, "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
     proc = mlstep("optimize", tiny_bert, "-o", tmp_path / "out", *QUICK, "-v", "--register-as", "secretive",
@@ -339,8 +351,20 @@ def test_no_secret_in_logs_params_tags_or_artifacts(mlflow_server, client, tiny_
     assert proc.returncode == 0, proc.stderr + proc.stdout
     bad = mlstep("optimize", "models:/secretive/42", "-o", tmp_path / "bad", tracking=secret_uri, env=env)
     one_line_error(bad)
+    debug = mlstep("optimize", "models:/secretive/42", "-o", tmp_path / "bad", tracking=secret_uri,
+                   env=env | {"MLSTEP_DEBUG": "1"})
+    with socket.socket() as sock:            # a port nobody listens on: requests' errors quote the URL
+        sock.bind(("127.0.0.1", 0))
+        dead_uri = f"http://alice:{password}@127.0.0.1:{sock.getsockname()[1]}"
+    dead = mlstep("optimize", "models:/secretive/1", "-o", tmp_path / "bad", tracking=dead_uri,
+                  env=env | {"MLSTEP_DEBUG": "1", "MLSTEP_REGISTRY_RETRIES": "0"})
+    promote = mlstep("promote", "models:/secretive/1", "--alias", "x", tracking=dead_uri,
+                     env=env | {"MLSTEP_DEBUG": "1", "MLSTEP_REGISTRY_RETRIES": "0"})
+    assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
+    assert dead.returncode == 2 and "did not answer" in dead.stderr and promote.returncode == 2, dead.stderr
 
     texts = [proc.stdout, proc.stderr, bad.stdout, bad.stderr, (tmp_path / "summary.md").read_text()]
+    texts += [p.stdout + p.stderr for p in (debug, dead, promote)]
     texts += [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.json")]
     texts += [p.read_text(errors="replace") for p in (tmp_path / "out").rglob("*.md")]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -356,8 +380,10 @@ def test_no_secret_in_logs_params_tags_or_artifacts(mlflow_server, client, tiny_
         texts += [p.read_text(errors="replace") for p in model_dir.rglob("*") if p.is_file() and p.suffix != ".onnx"]
     texts += [p.read_text(errors="replace") for p in dl.rglob("*") if p.is_file()]
     assert len(versions(client, "secretive")) == 2
+    spellings = [password, "pw-Zq8%40s3", "s3:cr%", "cr%25et", token, "alice", "YWxpY2U6"]   # raw, encoded, Basic
     for text in texts:
-        assert password not in text and token not in text and "alice" not in text
+        for secret in spellings:
+            assert secret not in text, (secret, text[:2000])
 
 
 def test_embedded_default_store(tmp_path, monkeypatch):
