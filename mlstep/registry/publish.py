@@ -180,6 +180,10 @@ def publish(store: Store, request: PublishRequest) -> Publication:
         for reg in pub.registrations.values():
             if reg.status == "pending":
                 reg.status, reg.error = "failed", pub.error
+    except BaseException:              # a bug or a signal: the run still ends FAILED, then it propagates
+        with contextlib.suppress(Exception):
+            _end(store, pub, "FAILED")
+        raise
     _end(store, pub, "FAILED" if pub.error else "FINISHED")
     return pub
 
