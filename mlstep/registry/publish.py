@@ -168,6 +168,7 @@ def publish(store: Store, request: PublishRequest) -> Publication:
         run = store.call("start run", store.client.create_run, pub.experiment_id, run_name=_run_name(request),
                          tags=_run_tags(request, pub.key))
         pub.run_id, pub.run_status = run.info.run_id, "RUNNING"
+        _end_duplicate_runs(store, pub)
         store.call("log params", store.client.log_batch, pub.run_id, params=_params(request.params),
                    metrics=_metrics(request.metrics))
         if request.register_as:
@@ -328,7 +329,7 @@ def _end(store: Store, pub: Publication, status: str) -> None:
         pub.run_status = "RUNNING"     # asking again would only wait out the retries; a later run reaps it
         return
     try:
-        _fail_pending(store, pub._logged)
+        _fail_pending(store, pub._logged + _orphans(store, pub))
         store.call("end run", store.client.set_terminated, pub.run_id, status)
         pub.run_status = status
     except MlstepError as err:
@@ -343,6 +344,22 @@ def _fail_pending(store: Store, model_ids: Sequence[str]) -> None:
         logged = store.call(f"models:/{model_id}", store.client.get_logged_model, model_id)
         if str(logged.status) in ("PENDING", "LoggedModelStatus.PENDING") or logged.status == LoggedModelStatus.PENDING:
             store.call(f"models:/{model_id}", store.client.finalize_logged_model, model_id, LoggedModelStatus.FAILED)
+
+
+def _orphans(store: Store, pub: Publication) -> list[str]:
+    """LoggedModels of this run that a retried create made twice (the first reply lost): never uploaded."""
+    query = filter_string(tags={TAG_KEY: pub.key})
+    found = store.call("search models", store.client.search_logged_models, [pub.experiment_id], query)
+    return [m.model_id for m in found if m.source_run_id == pub.run_id and m.model_id not in pub._logged]
+
+
+def _end_duplicate_runs(store: Store, pub: Publication) -> None:
+    """Runs of this very process other than its own: made by a retried create-run whose reply was lost."""
+    query = filter_string(tags={TAG_KEY: pub.key, TAG_PID: str(os.getpid())}) + " and attributes.status = 'RUNNING'"
+    for run in store.call("search runs", store.client.search_runs, [pub.experiment_id], query):
+        if run.info.run_id != pub.run_id and (run.data.tags or {}).get(TAG_HOST) == socket.gethostname():
+            store.call("end run", store.client.set_terminated, run.info.run_id, "FAILED")
+            pub.reaped.append(run.info.run_id)
 
 
 def _reap(store: Store, pub: Publication) -> None:

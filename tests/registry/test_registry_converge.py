@@ -69,10 +69,23 @@ def test_a_lost_reply_to_create_model_version_leaves_one_version(action, proxy, 
     assert_settled(client, name)
 
 
+@pytest.mark.parametrize("fragment", ["/runs/create", "/logged-models"])
+def test_a_lost_reply_to_another_create_leaves_nothing_running_or_pending(fragment, proxy, fast_retries, client,
+                                                                         files):
+    """A retried create-run or create-LoggedModel made two: the extra run is ended FAILED, the extra
+    LoggedModel (never uploaded) is marked FAILED; still one version per variant."""
+    name = f"lost-{fragment.strip('/').replace('/', '-')}"
+    proxy.add("POST", fragment, "lose")
+    pub = step_publish(registry.Store(proxy.uri), str(files["source"]), name, variants(files))
+    assert pub.error is None, pub.error
+    assert proxy.count("POST", fragment) >= 2
+    assert_settled(client, name)
+
+
 def test_a_create_request_that_arrives_after_the_retry(proxy, fast_retries, client, files):
     """The first create is held until the client's retry arrives (the client gave up on it), then delivered:
     a version lands late. Whichever step sees it (this one or its re-run) removes it."""
-    fast_retries.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    fast_retries.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")    # the held request outlives it: a retry comes
     name = "late-create"
     held = proxy.add("POST", CREATE, "hold")
     retried = proxy.seen("POST", CREATE, 2)
