@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from mlstep import gates, outdir, registry, report, runtime
 from mlstep.errors import GateFailedError, RegistryError, UsageError
 from mlstep.optimizer.options import OptimizeOptions
-from mlstep.report import scrub
+from mlstep.redact import scrub
 from mlstep.variants import MODEL_FILE, PRECISIONS
 
 LATENCY_DIR = "latency"        # the gates' benchmark.json, gates.json, latency.png
