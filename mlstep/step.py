@@ -173,7 +173,8 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
     settings = settings.checked()
     publish = publish.checked()
     outdir.check_names(output_dir, "--output")
-    outdir.check_names(source, "source")
+    if not registry.is_mlflow_uri(source):        # an MLflow URI's name is checked by registry.parse_uri
+        outdir.check_names(source, "source")
     output_dir = Path(output_dir).expanduser().absolute()   # -o . stays meaningful after the commit's rename
     # The CLI's --precision decides the fp16 variant; the option records it (and joins the options hash).
     options = dataclasses.replace(options, float16="fp16" in settings.precisions).validate()
