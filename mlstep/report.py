@@ -26,8 +26,10 @@ the files afterwards. report.json has the contract's shape (DESIGN.md, "Contract
 - Non-finite numbers (a NaN difference) are written as null: the file stays strict JSON.
 - ``mlflow``: ``{"tracking_uri" (credentials removed), "source": {"requested", "uri", "kind", "name",
   "version", "alias", "run_id", "model_id"} (the resolution, e.g. ``models:/m@candidate`` ->
-  ``models:/m/3``), "experiment_id", "run_id", "registered_model", "registrations": {variant: {"status":
-  "registered" | "existing" | "skipped" | "failed", "uri", "alias"}}, "error"}``.
+  ``models:/m/3``), "experiment_id", "run_id", "run_status", "key", "registered_model", "registrations":
+  {variant: {"status": "registered" | "existing" | "skipped" | "failed", "uri", "alias", "sha256"}},
+  "removed_duplicates", "error"}`` (``mlstep.registry.record``: ``mlstep promote`` reads ``registrations``
+  and ``variants.*.gate.passed`` back from the run's copy of this file as its evidence).
 - Credentials never appear: ``user:password@`` in any URI is replaced by ``***@``, and the values of the
   secret-bearing environment variables (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) are
   replaced by ``***`` wherever they occur.
@@ -37,18 +39,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlstep.errors import OutputError
+from mlstep.redact import SECRET_ENV, scrub  # noqa: F401  (re-exported: mlstep.report.scrub keeps working)
 
 GATE_STATES = ("passed", "failed", "skipped", "not_gated")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-SECRET_ENV = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET",
-              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_ACCESS_KEY", "GITHUB_TOKEN", "GH_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -77,17 +76,6 @@ class RunFacts:
     coverage: Mapping[str, Any] = field(default_factory=dict)    # kind -> optimizer.coverage.BlockCoverage
     notes: Sequence[str] = ()
     mlflow: Mapping[str, Any] | None = None
-
-
-def scrub(text: str) -> str:
-    """Remove credentials from ``text``: user info in URIs (``https://user:pw@host`` -> ``https://***@host``)
-    and the value of any secret environment variable (``SECRET_ENV``) that is set."""
-    text = _USERINFO.sub("***@", text)
-    for name in SECRET_ENV:
-        secret = os.environ.get(name, "")
-        if len(secret) >= 4 and secret in text:
-            text = text.replace(secret, "***")
-    return text
 
 
 def build(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any) -> dict:

@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from mlstep import gates, outdir, registry, report, runtime
 from mlstep.errors import GateFailedError, RegistryError, UsageError
 from mlstep.optimizer.options import OptimizeOptions
-from mlstep.report import scrub
+from mlstep.redact import scrub
 from mlstep.variants import MODEL_FILE, PRECISIONS
 
 LATENCY_DIR = "latency"        # the gates' benchmark.json, gates.json, latency.png
@@ -116,6 +116,8 @@ class PublishSettings:
                 registry.check_alias(alias)
         if self.register_as is not None and not self.register_as.strip():
             raise UsageError("--register-as needs a model name")
+        if self.register_as is not None:
+            registry.check_name(self.register_as, "--register-as name")
         return self
 
     @property
@@ -171,7 +173,8 @@ def run(source: str | os.PathLike, output_dir: str | os.PathLike, options: Optim
     settings = settings.checked()
     publish = publish.checked()
     outdir.check_names(output_dir, "--output")
-    outdir.check_names(source, "source")
+    if not registry.is_mlflow_uri(source):        # an MLflow URI's name is checked by registry.parse_uri
+        outdir.check_names(source, "source")
     output_dir = Path(output_dir).expanduser().absolute()   # -o . stays meaningful after the commit's rename
     # The CLI's --precision decides the fp16 variant; the option records it (and joins the options hash).
     options = dataclasses.replace(options, float16="fp16" in settings.precisions).validate()
@@ -254,7 +257,7 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
                                             latency=latency.variants.get(name) if latency else None,
                                             baseline=latency.baseline if latency else None)
                   for name in names},
-        mlflow=src.store.record(src.resolved, src.register_as) if src.store else None)
+        mlflow=registry.record(src.store, src.resolved, src.register_as) if src.store else None)
     fusion_log = optimized.log if options.verbose else None
     error = None
     if src.register_as:
@@ -271,29 +274,34 @@ def _publish(src: _Source, facts, verdicts, coverage, paths, staging: Path, publ
              fusion_log) -> tuple[dict, RegistryError | None]:
     """Log the run and register the passing variants; render the report once the registrations are known.
 
-    The one place the step talks to the registry's publishing: ``Registry.publish`` reads a draft of the
-    report (options, figures, gates) and hands back, through ``write``, the registrations it made; the
-    report is rendered from the facts with those registrations and the same verdicts.
+    The one place the step talks to the registry's publishing::
+
+        publish (run, params, metrics, registrations)  ->  render (facts + verdicts + publication)
+        -> finish (the rendered report and the evidence logged with the run, mlstep.gates tagged)
+        -> render again only when finish changed what the store kept (the report says what MLflow holds)
+
+    ``registry.publish`` never raises for the store: its ``Publication.error`` becomes the returned
+    ``RegistryError`` (exit 2 once the outputs are in place).
     """
-    draft = report.build(facts, verdicts, coverage)
-    rendered: dict = {}
+    draft = report.build(facts, verdicts, coverage)       # the request reads options, figures and gate.passed
+    request = registry.request_from_report(draft, src.resolved, paths, register_as=src.register_as,
+                                           aliases=publish.alias_map, experiment=publish.experiment)
+    pub = registry.publish(src.store, request)
+    recorded = registry.record(src.store, src.resolved, src.register_as, pub)
+    rendered = report.render(_published(facts, recorded, pub), verdicts, coverage, staging, fusion_log)
+    pub = registry.finish(src.store, pub, [staging / name for name in REPORT_FILES], evidence_files(staging),
+                          gates_passed=all(v.passed for v in verdicts.values()))
+    after = registry.record(src.store, src.resolved, src.register_as, pub)
+    if after != recorded:                 # finish failed: the local report says what the store kept
+        rendered = report.render(_published(facts, after, pub), verdicts, coverage, staging, fusion_log)
+    return rendered, RegistryError(pub.message()) if pub.error else None
 
-    def write(registered: dict):
-        final = dataclasses.replace(facts, mlflow=registered.get("mlflow"), variants={
-            name: dataclasses.replace(v, registered=registered["variants"][name].get("registered"))
-            for name, v in facts.variants.items()})
-        rendered["report"] = report.render(final, verdicts, coverage, staging, fusion_log)
-        return [staging / name for name in REPORT_FILES]
 
-    error = None
-    try:
-        src.store.publish(draft, src.resolved, paths, register_as=src.register_as, aliases=publish.alias_map,
-                          write=write, evidence=evidence_files(staging), experiment=publish.experiment)
-    except RegistryError as err:
-        error = err
-    if "report" not in rendered:          # the store failed before the registrations were known
-        write(draft)
-    return rendered["report"], error
+def _published(facts: report.RunFacts, recorded: dict, pub) -> report.RunFacts:
+    """The facts with the publication: the ``mlflow`` section and each variant's registered version."""
+    return dataclasses.replace(facts, mlflow=recorded, variants={
+        name: dataclasses.replace(v, registered=pub.registrations[name].uri if name in pub.registrations else None)
+        for name, v in facts.variants.items()})
 
 
 def _resolve(source, output_dir: Path, settings: StepSettings, publish: PublishSettings,
@@ -310,7 +318,7 @@ def _resolve(source, output_dir: Path, settings: StepSettings, publish: PublishS
     store = None
     if from_mlflow or wants_registration:
         outdir.check_store_outside(output_dir, registry.tracking_uri())
-        store = registry.Registry()
+        store = registry.Store()
         if not from_mlflow:
             store.ping()                 # a dead server fails now, not after the optimizer's minutes
     resolved = stack.enter_context(registry.materialize(source, store, identify_local=wants_registration))

@@ -137,14 +137,24 @@ def exported_gpt2(export_dir):
 
 
 def cancellation_model(path: Path) -> Path:
-    """y = (x + 1000) @ W - 1000 * colsum(W): exact in fp32, ~0.25 off in fp16 (x + 1000 keeps 0.5 steps), so
-    the fp16 variant fails its parity gate."""
+    """y = LayerNorm((x + 1000) @ W - 1000 * colsum(W)): exact in fp32, ~0.6 off in fp16 (x + 1000 keeps 0.5
+    steps), so the fp16 variant fails its parity gate. The LayerNorm arrives decomposed (ReduceMean, Pow,
+    Sqrt, Div): a block the detector sees and fuses, so the coverage gate passes and only parity decides."""
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((4, 4)).astype(np.float32)
     inits = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([1000.0], np.float32), "c"),
-             numpy_helper.from_array((1000.0 * weight.sum(0)).astype(np.float32), "d")]
+             numpy_helper.from_array((1000.0 * weight.sum(0)).astype(np.float32), "d"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array([1e-5], np.float32), "eps"),
+             numpy_helper.from_array(np.linspace(0.5, 1.5, 4).astype(np.float32), "gamma"),
+             numpy_helper.from_array(np.linspace(-0.1, 0.1, 4).astype(np.float32), "beta")]
     nodes = [helper.make_node("Add", ["x", "c"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["m"]),
-             helper.make_node("Sub", ["m", "d"], ["y"])]
+             helper.make_node("Sub", ["m", "d"], ["z"]),
+             helper.make_node("ReduceMean", ["z"], ["mean"], axes=[-1]), helper.make_node("Sub", ["z", "mean"], ["dev"]),
+             helper.make_node("Pow", ["dev", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq"], ["var"], axes=[-1]),
+             helper.make_node("Add", ["var", "eps"], ["var_eps"]), helper.make_node("Sqrt", ["var_eps"], ["std"]),
+             helper.make_node("Div", ["dev", "std"], ["normed"]), helper.make_node("Mul", ["normed", "gamma"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "beta"], ["y"])]
     graph = helper.make_graph(nodes, "cancel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

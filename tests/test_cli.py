@@ -273,7 +273,8 @@ def test_failed_gate_exits_1_and_still_writes_the_report(tmp_path):
 
 def test_mlflow_model_directory_source(tmp_path):
     model_dir = tmp_path / "mlflow_model"
-    tiny_model(model_dir / "model.onnx")
+    model_dir.mkdir()
+    cancellation_model(model_dir / "model.onnx")     # a LayerNorm block to fuse: the coverage gate passes
     (model_dir / "MLmodel").write_text("flavors:\n  onnx:\n    data: model.onnx\n    onnx_version: 1.17.0\n")
     output = tmp_path / "out"
     proc = mlstep("optimize", model_dir, "-o", output, "-p", "fp32", "--skip-validation", "--skip-benchmark")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -109,10 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int, debug: bool) -> int:
-    from mlstep.report import scrub
+    from mlstep.redact import format_exception, scrub
 
     if debug and sys.exc_info()[0] is not None:
-        traceback.print_exc()
+        print(format_exception(), end="", file=sys.stderr)     # scrubbed: MLflow's messages quote URIs
     line = " ".join(scrub(message).split()) or "failed"
     print(f"mlstep: error: {line}", file=sys.stderr, flush=True)
     return code

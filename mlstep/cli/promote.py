@@ -1,4 +1,4 @@
-"""``mlstep promote``: point an alias at a registered version, only if mlstep's gates passed for it."""
+"""``mlstep promote``: point an alias at a registered version, only on the evidence of its own mlstep run."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -13,12 +13,13 @@ AliasOpt = Annotated[str, typer.Option(
 
 
 def promote(uri: VersionArg, alias: AliasOpt) -> None:
-    """Move ALIAS to MODEL_URI when the version's mlstep.gates tag is 'passed'.
+    """Move ALIAS to MODEL_URI when the version's own mlstep run proves it: its report's gate for the variant passed and its content hash matches the report.
 
-    Exit code 0 when the alias was moved, 1 when the version did not pass mlstep's gates (or was not made by mlstep), 2 for an unknown model, version or alias, or an MLflow store that did not answer.
+    Exit code 0 when the alias was moved, 1 when the evidence is missing (not made by mlstep, a failed gate, content that differs from the report), 2 for an unknown model, version or alias, or an MLflow store that did not answer.
     """  # noqa: E501
     from mlstep import registry
 
-    name, version, previous = registry.promote(uri, alias)
+    done = registry.promote(uri, alias)
+    previous, version = done.previous, done.version
     was = "" if previous is None else (" (unchanged)" if previous == version else f" (was version {previous})")
-    typer.echo(f"models:/{name}@{alias} -> models:/{name}/{version}{was}")
+    typer.echo(f"models:/{done.name}@{alias} -> models:/{done.name}/{version}{was}")
