@@ -237,7 +237,8 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
     parity, latency = {}, None
     if settings.validate:
         with _stage(listener, "parity", f"{len(src.cases)} cases") as note:
-            parity = validate(model_path, paths, src.cases, providers)
+            parity, skipped = validate(model_path, paths, src.cases, providers)
+            notes = list(notes) + skipped
             note(", ".join(f"{n} {'ok' if r.passed else 'FAILED'} ({r.max_abs_diff:.1e})" for n, r in parity.items()))
     if settings.benchmark:
         with _stage(listener, "latency") as note:
@@ -388,13 +389,14 @@ def _optimize(model, options: OptimizeOptions, model_path: Path):
     return optimize(model, options, source_dir=model_path.parent)
 
 
-def validate(model_path: Path, paths: dict[str, Path], cases, providers) -> dict:
-    """Parity of every variant against the source run once under ORT_DISABLE_ALL."""
-    from mlstep.validate.parity import check_parity, run_reference
+def validate(model_path: Path, paths: dict[str, Path], cases, providers) -> tuple[dict, list[str]]:
+    """Parity of every variant against the source run once under ORT_DISABLE_ALL, on the cases the source can
+    run; the notes say which synthesized cases the source itself refused."""
+    from mlstep.validate.parity import check_parity, runnable_cases
 
-    reference = run_reference(model_path, cases, providers=providers)
+    cases, reference, skipped = runnable_cases(model_path, cases, providers=providers)
     return {name: check_parity(model_path, path, name, cases, providers=providers, reference_outputs=reference)
-            for name, path in paths.items()}
+            for name, path in paths.items()}, skipped
 
 
 def _latency(model_path: Path, paths: dict[str, Path], settings: StepSettings, options: OptimizeOptions,

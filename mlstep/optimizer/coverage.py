@@ -54,8 +54,9 @@ class Census:
     """The candidate anchors of each block kind in the prepared source, before any fusion, in graph order:
     attention = Softmax; layer_norm = LayerNormalization or a decomposed mean subtraction ``x - mean(x)``;
     skip_layer_norm = a layer norm of a sum of two activations (a residual), less the embedding's;
-    gelu = Erf, or a Tanh of a cubic (``x + 0.044715 x^3``); embedding = a word-embedding Gather of a 2-D
-    integer graph input (encoders: GPT-2's embedding sum is a skip layer norm's input)."""
+    gelu = Erf, or a Tanh of a cubic (``x + 0.044715 x^3``); embedding = a layer norm of a sum that reads a
+    word-embedding table (a Gather of a 2-D integer graph input), one per embedding (encoders: GPT-2's embedding
+    sum is a skip layer norm's input)."""
 
     anchors: dict[str, list]      # kind -> anchor nodes
 
@@ -69,9 +70,11 @@ def census(model, model_type: str) -> Census:
     norms = [n for n in graph if n.op_type == "LayerNormalization"] + \
         [n for n in graph if n.op_type == "ReduceMean" and _subtracted_from_input(n)]
     gelu = [n for n in graph if n.op_type == "Erf" or (n.op_type == "Tanh" and _has_cube(n.inputs[0], 4))]
-    embedding = [] if model_type == "gpt2" else [n for n in graph if _word_embedding(n, graph)][:1]
     residual = [n for n in norms if _sum_of_activations(n.inputs[0])]
-    skip = residual[len(embedding):] if len(residual) >= len(embedding) else []
+    # one embedding block per layer norm whose summed input reads a word-embedding table (several embeddings in
+    # one graph are several blocks); GPT-2's embedding sum is its first skip layer norm's input
+    embedding = [] if model_type == "gpt2" else [n for n in residual if _sums_an_embedding(n.inputs[0], graph)]
+    skip = [n for n in residual if n not in embedding]
     return Census({"attention": softmax, "embedding": embedding, "layer_norm": norms, "skip_layer_norm": skip,
                    "gelu": gelu})
 
@@ -84,7 +87,10 @@ def tally(found: Census, model, fused_ops: dict[str, int], reasons) -> dict[str,
     out = {}
     for kind in KINDS:
         anchors = found.anchors[kind]
-        fused = min(len(anchors), sum(fused_ops.get(op, 0) for op in FUSED_AS[kind]))
+        taken = sum(fused_ops.get(op, 0) for op in FUSED_AS[kind])
+        if kind == "skip_layer_norm":   # an EmbedLayerNormalization beyond the embedding blocks took a sum's norm
+            taken += max(0, fused_ops.get("EmbedLayerNormalization", 0) - len(found.anchors["embedding"]))
+        fused = min(len(anchors), taken)
         misses: list[str] = []
         if fused < len(anchors):
             left = [(i, n) for i, n in enumerate(anchors) if id(n) in alive] or list(enumerate(anchors))
@@ -144,6 +150,18 @@ def _has_cube(value, depth: int) -> bool:
                                          node.inputs[0] in _producer(i, "Mul").inputs for i in node.inputs[1:]):
             return True
         stack.extend((i, d + 1) for i in node.inputs)
+    return False
+
+
+def _sums_an_embedding(value, graph, depth: int = 4) -> bool:
+    """True when ``value`` is a sum (through Add, Cast, Dropout) with a word-embedding Gather among its terms."""
+    node = value.producer() if value is not None else None
+    if node is None or depth < 0:
+        return False
+    if _word_embedding(node, graph):
+        return True
+    if node.op_type in ("Add", "Cast", "Dropout", "Identity"):
+        return any(_sums_an_embedding(v, graph, depth - 1) for v in node.inputs[:2] if v is not None)
     return False
 
 

@@ -76,6 +76,34 @@ def run_reference(model_path: str | os.PathLike, cases: Sequence[Case],
     return [runtime.run(session, case.feeds) for case in cases]
 
 
+def runnable_cases(model_path: str | os.PathLike, cases: Sequence[Case], providers: Sequence[str] | None = None,
+                   ) -> tuple[list[Case], list[dict[str, np.ndarray]], list[str]]:
+    """Run the source on every case and keep those it can run, with their outputs, plus a note per dropped case.
+
+    A synthesized case can ask more of a graph than its signature says (a longer sequence than a table the
+    synthesizer could not see, e.g. positions read from a mask): the source itself refuses it at run time. Such a
+    case is dropped with a note naming ONNX Runtime's reason. The user's own shape (the first case's shape) must run:
+    a source that cannot run its own declared shapes is bad input, not an internal error.
+    """
+    from mlstep.errors import BadInputError
+
+    session = runtime.session(model_path, providers, runtime.DISABLE_ALL)
+    kept, outputs, notes = [], [], []
+    user_shape = cases[0].name.split("/")[0] if cases else ""
+    for case in cases:
+        try:
+            outputs.append(runtime.run(session, case.feeds))
+        except Exception as err:   # onnxruntime raises its own exception classes from the C++ side
+            reason = " ".join(str(err).split())[:300]
+            if case.name.split("/")[0] == user_shape:
+                raise BadInputError(f"the source fails in ONNX Runtime on inputs of its declared shapes "
+                                    f"({case.name}): {reason}") from None
+            notes.append(f"parity case {case.name} skipped: the source itself fails on it ({reason})")
+            continue
+        kept.append(case)
+    return kept, outputs, notes
+
+
 def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.PathLike, precision: str,
                  cases: Sequence[Case], providers: Sequence[str] | None = None,
                  reference_outputs: Sequence[dict[str, np.ndarray]] | None = None) -> ParityResult:
