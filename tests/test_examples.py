@@ -14,8 +14,9 @@ EXAMPLES = ROOT / "examples"
 
 
 def run_example(name: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "160"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    # no MLflow setting of an earlier in-process test (mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI) leaks in
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "160"})
     env.pop("GITHUB_STEP_SUMMARY", None)
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)

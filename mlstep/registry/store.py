@@ -122,7 +122,12 @@ class Store:
 
         self.shown = shown_uri(self.uri)
         mlflow.set_tracking_uri(self.uri)
+        exported = os.environ.get("MLFLOW_REGISTRY_URI")
         mlflow.set_registry_uri(self.registry_uri)
+        if exported is None and self.registry_uri == self.uri:
+            # set_registry_uri exports the variable; a registry that is the tracking store needs no export, and
+            # an exported one would outlive this store (a later store, a child process) and name a stale registry
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.registry_uri)
 
     def call(self, what: str, fn: Callable, *args, **kwargs):
