@@ -141,28 +141,35 @@ def bidirectional_padding_mask(model: ir.Model) -> None:
         add.replace_input_with(index, expanded.outputs[0])
 
 
-def shifted_diagonal(model: ir.Model) -> None:
-    """The causal bias + triu(-1e9, k=past) over [S, past + S]: query i no longer sees key past + i (itself)."""
+def _add_triangle(model: ir.Model, prefix: str, upper: bool, below_past: int) -> None:
+    """Add Trilu(-1e9, k=past-below_past, upper) over [S, past + S] to every softmax's additive bias."""
     ids, mask = _input(model, "input_ids"), _input(model, "attention_mask")
     one = _const(np.array(1, np.int64))
     zero_axis = _const(np.array([0], np.int64))
+    offset = _const(np.array(below_past, np.int64))
     ids_shape, mask_shape = ir.node("Shape", [ids]), ir.node("Shape", [mask])
     seq = ir.node("Gather", [ids_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
     total = ir.node("Gather", [mask_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
     past = ir.node("Sub", [total.outputs[0], seq.outputs[0]])
+    k = ir.node("Sub", [past.outputs[0], offset.outputs[0]])
     seq1 = ir.node("Unsqueeze", [seq.outputs[0], zero_axis.outputs[0]])
     total1 = ir.node("Unsqueeze", [total.outputs[0], zero_axis.outputs[0]])
     square = ir.node("Concat", [seq1.outputs[0], total1.outputs[0]], attributes={"axis": 0})
     fill = ir.node("ConstantOfShape", [square.outputs[0]],
                    attributes={"value": ir.tensor(np.array([-1e9], dtype=np.float32))})
-    upper = ir.node("Trilu", [fill.outputs[0], past.outputs[0]], attributes={"upper": 1})
-    _prepend(model, [one, zero_axis, ids_shape, mask_shape, seq, total, past, seq1, total1, square, fill, upper],
-             "shifted")
+    triangle = ir.node("Trilu", [fill.outputs[0], k.outputs[0]], attributes={"upper": int(upper)})
+    _prepend(model, [one, zero_axis, offset, ids_shape, mask_shape, seq, total, past, k, seq1, total1, square, fill,
+                     triangle], prefix)
     for n, (add, index) in enumerate(_softmax_adds(model)):
-        shifted = ir.node("Add", [add.inputs[index], upper.outputs[0]])
-        shifted.outputs[0].name = f"shifted_bias_{n}"
-        model.graph.insert_before(add, shifted)
-        add.replace_input_with(index, shifted.outputs[0])
+        biased = ir.node("Add", [add.inputs[index], triangle.outputs[0]])
+        biased.outputs[0].name = f"{prefix}_bias_{n}"
+        model.graph.insert_before(add, biased)
+        add.replace_input_with(index, biased.outputs[0])
+
+
+def shifted_diagonal(model: ir.Model) -> None:
+    """The causal bias + triu(-1e9, k=past) over [S, past + S]: query i no longer sees key past + i (itself)."""
+    _add_triangle(model, "shifted", upper=True, below_past=0)
 
 
 def softmax_over_queries(model: ir.Model) -> None:
@@ -236,28 +243,7 @@ def _in_vocab(cases, vocab: int = 99):
 def sliding_window(model: ir.Model, window: int = 10) -> None:
     """The causal bias + tril(-1e9, k=past-window) over [S, past + S]: query i (at position past + i) sees
     only the last ``window`` keys, past + i - window + 1 .. past + i (a sliding-window causal mask)."""
-    ids, mask = _input(model, "input_ids"), _input(model, "attention_mask")
-    one = _const(np.array(1, np.int64))
-    zero_axis = _const(np.array([0], np.int64))
-    width = _const(np.array(window, np.int64))
-    ids_shape, mask_shape = ir.node("Shape", [ids]), ir.node("Shape", [mask])
-    seq = ir.node("Gather", [ids_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
-    total = ir.node("Gather", [mask_shape.outputs[0], one.outputs[0]], attributes={"axis": 0})
-    past = ir.node("Sub", [total.outputs[0], seq.outputs[0]])
-    k = ir.node("Sub", [past.outputs[0], width.outputs[0]])
-    seq1 = ir.node("Unsqueeze", [seq.outputs[0], zero_axis.outputs[0]])
-    total1 = ir.node("Unsqueeze", [total.outputs[0], zero_axis.outputs[0]])
-    square = ir.node("Concat", [seq1.outputs[0], total1.outputs[0]], attributes={"axis": 0})
-    fill = ir.node("ConstantOfShape", [square.outputs[0]],
-                   attributes={"value": ir.tensor(np.array([-1e9], dtype=np.float32))})
-    lower = ir.node("Trilu", [fill.outputs[0], k.outputs[0]], attributes={"upper": 0})
-    _prepend(model, [one, zero_axis, width, ids_shape, mask_shape, seq, total, past, k, seq1, total1, square, fill,
-                     lower], "window")
-    for n, (add, index) in enumerate(_softmax_adds(model)):
-        banded = ir.node("Add", [add.inputs[index], lower.outputs[0]])
-        banded.outputs[0].name = f"window_bias_{n}"
-        model.graph.insert_before(add, banded)
-        add.replace_input_with(index, banded.outputs[0])
+    _add_triangle(model, "window", upper=False, below_past=window)
 
 
 @pytest.mark.parametrize("exporter,opset,with_past", [("torchscript", 14, True), ("dynamo", 18, False)])
