@@ -259,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mlstep.runtime import CPU, CUDA, cuda_loads
 
+    if not args.dry_run:
+        try:
+            import torch  # noqa: F401  (loads the CUDA libraries ONNX Runtime's CUDA provider links against)
+        except ImportError:
+            pass
     if args.dry_run:
         providers = [CPU]
     elif cuda_loads():
