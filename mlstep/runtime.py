@@ -82,8 +82,14 @@ def require_cuda() -> None:
 
 
 def session(path: str | os.PathLike, providers_: Sequence[str] | None = None, level: str = ENABLE_ALL,
-            threads: int = 0):
-    """An ``InferenceSession`` of ``path``; ORT's refusal becomes one ``BadInputError`` line."""
+            threads: int = 0, exact: bool = False):
+    """An ``InferenceSession`` of ``path``; ORT's refusal becomes one ``BadInputError`` line.
+
+    ``exact``: float32 MatMuls in float32 on CUDA (``use_tf32=0``). ONNX Runtime's CUDA provider computes them
+    in TF32 by default on Ampere and later, which moves a bert-base output by ~5e-3 between two equivalent
+    graphs (measured on an H200): parity sessions ask for exact arithmetic so that they check the graph, not
+    the GPU's reduced-precision mode. Latency is measured with the provider's defaults.
+    """
     import onnxruntime as ort
 
     if threads < 0:
@@ -94,7 +100,8 @@ def session(path: str | os.PathLike, providers_: Sequence[str] | None = None, le
     options.log_severity_level = 3          # ORT's warnings (e.g. unused initializers) are not ours to print
     options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), options, providers=list(providers_ or [CPU]))
+        chosen = [(name, {"use_tf32": "0"}) if exact and name == CUDA else name for name in providers_ or [CPU]]
+        return ort.InferenceSession(str(path), options, providers=chosen)
     except Exception as err:                # ORT raises its own types; one line is what the user needs
         raise BadInputError(f"{Path(path).name}: ONNX Runtime cannot load it ({first_line(err)})") from err
 

@@ -72,7 +72,7 @@ def _has_past(model) -> bool:
 def run_reference(model_path: str | os.PathLike, cases: Sequence[Case],
                   providers: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
     """Outputs of the original model for each case, with graph optimizations disabled."""
-    session = runtime.session(model_path, providers, runtime.DISABLE_ALL)
+    session = runtime.session(model_path, providers, runtime.DISABLE_ALL, exact=True)
     return [runtime.run(session, case.feeds) for case in cases]
 
 
@@ -87,7 +87,7 @@ def runnable_cases(model_path: str | os.PathLike, cases: Sequence[Case], provide
     """
     from mlstep.errors import BadInputError
 
-    session = runtime.session(model_path, providers, runtime.DISABLE_ALL)
+    session = runtime.session(model_path, providers, runtime.DISABLE_ALL, exact=True)
     kept, outputs, notes = [], [], []
     user_shape = cases[0].name.split("/")[0] if cases else ""
     for case in cases:
@@ -112,7 +112,7 @@ def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.Pat
         raise ValueError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
     if reference_outputs is None:
         reference_outputs = run_reference(reference_path, cases, providers)
-    session = runtime.session(candidate_path, providers, runtime.ENABLE_ALL)
+    session = runtime.session(candidate_path, providers, runtime.ENABLE_ALL, exact=True)
     per_output: dict[str, float] = {}
     worst = (False, -1.0, "", "")  # (failed, diff, output, case): the largest wins
     for case, expected in zip(cases, reference_outputs):
