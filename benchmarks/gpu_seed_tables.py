@@ -11,7 +11,8 @@ Rows (engine / precision / batch), each timed in the same process on the same in
   attention), so the choice of form on this provider rests on a measurement.
 
 A parity table compares each engine's first output with the export's at batch 4 x s=32 (bert) and batch 4 x
-past=32 (GPT-2), max |diff| over the batch.
+past=32 (GPT-2), max |diff| over the batch, in sessions without TF32 (``exact``: what the step's parity gate
+uses); the timed sessions keep ONNX Runtime's defaults.
 
     python benchmarks/gpu_seed_tables.py --out gpu-tables        # CUDA (exit 2 when CUDA does not load)
     python benchmarks/gpu_seed_tables.py --dry-run --out /tmp/t  # tiny models on the CPU (the CI test)
@@ -125,7 +126,7 @@ def _mlstep(info: dict, out: Path, use_gpu: bool, disabled: frozenset[str]) -> d
     return paths
 
 
-def _mlstep_full(name, info, out, use_gpu):
+def _mlstep_full(name, info, out, use_gpu):   # noqa: ARG001 (one signature for every builder)
     return _mlstep(info, out, use_gpu, frozenset())
 
 
@@ -168,7 +169,9 @@ def measure(name: str, info: dict, engines, settings: dict, providers: list[str]
             log(f"{name}: {engine} {precision} does not load ({str(err)[:200]})")
             continue
         provider = sess.get_providers()[0]
-        first = next(iter(run(sess, parity_feed).values())).astype(np.float32)
+        exact = session(path, providers, exact=True)       # parity in float32 (no TF32), as the step checks it
+        first = next(iter(run(exact, parity_feed).values())).astype(np.float32)
+        del exact
         if reference is None:
             reference = first
         parity.append(dict(model=name, engine=engine, precision=precision,

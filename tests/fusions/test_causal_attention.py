@@ -272,3 +272,32 @@ def test_sliding_window_is_not_fused_as_causal(exported_gpt2, tmp_path, exporter
                                         past_sequence=17 if with_past else 0))
     parity = check_parity(edited, saved, "fp32", cases)
     assert parity.passed, (parity.worst_output, parity.worst_case, parity.max_abs_diff)
+
+
+# --- the CUDA form: the export's own bias as attention_bias ------------------------------------------
+
+@pytest.mark.parametrize("exporter,opset,attention,with_past", [("torchscript", 14, "eager", True),
+                                                                 ("dynamo", 18, "sdpa", True),
+                                                                 ("torchscript", 14, "sdpa", False)])
+def test_cuda_target_passes_the_exports_bias_with_generation_parity(exported_gpt2, tmp_path, exporter, opset,
+                                                                    attention, with_past):
+    """With use_gpu the fused node takes the export's additive mask as attention_bias (no key_padding_mask, no
+    unidirectional): ONNX Runtime's CUDA kernels given the padding mask differ on left-padded rows that see no
+    key (measured on an H200), given the bias they do not. Parity here runs the same graph on the CPU."""
+    path = exported_gpt2("lm", exporter, opset, attention, with_past)
+    result = optimize(ir.load(path), OptimizeOptions(use_gpu=True))
+    mha = nodes(result.model, "MultiHeadAttention")
+    assert len(mha) == GPT2_VARIANTS["lm"][0], result.summary_lines()
+    for node in mha:
+        assert node.attributes.get_int("unidirectional", 0) == 0
+        assert node.inputs[4] is None and node.inputs[5] is not None      # no key_padding_mask; the bias
+        assert "mask_filter_value" not in node.attributes
+        if with_past:
+            assert node.inputs[6].name.startswith("past_key_") and node.inputs[7].name.startswith("past_value_")
+    assert_generation_parity(path, result.model, tmp_path, with_past)
+    fp16 = tmp_path / "fp16.onnx"
+    from mlstep.precision import to_fp16
+    ir.save(to_fp16(result.model, keep_io_types=True), fp16)
+    original = ir.load(path)
+    verdict = check_parity(path, fp16, "fp16", generation_cases(original, with_past))
+    assert verdict.passed, (verdict.worst_output, verdict.worst_case, verdict.max_abs_diff)

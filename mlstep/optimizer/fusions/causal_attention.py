@@ -6,6 +6,10 @@
     ==> MultiHeadAttention(q, k, v, key_padding_mask=int32(mask), past_key, past_value,
                            num_heads=N, unidirectional=1, scale, mask_filter_value=<the export's fill>)
         with outputs (out, present_key, present_value) replacing the Concat presents.
+    For a CUDA target (``use_gpu``) the export's own bias goes in as ``attention_bias`` instead of the
+    key-padding mask: measured on an H200 (ONNX Runtime 1.31.1, GPT-2 124M), the CUDA kernels given
+    ``key_padding_mask`` + ``unidirectional`` differ from the export by up to 6.7 on the logits of left-padded
+    positions that see no key (every other row within 1.5e-5); given the bias they match it on every row.
 
 Layouts matched: K^T as Transpose(0,1,3,2) (TorchScript) or the dynamo Reshape -> Transpose(0,2,1) ->
 Reshape form; scale on the scores (Div/Mul) or on Q and K (sdpa); TorchScript eager's Cast after Softmax;
@@ -94,6 +98,7 @@ class CausalAttention(pattern.RewriteRuleClassBase):
         source, _fill, reason = self._mask(context.model, mask_bias)
         if source is None:
             return result.fail(reason)
+        self._opset = context.model.opset_imports.get("", 18)
         return result
 
     def rewrite(self, op, q_in, k_in, v_in, q_shape, mask_bias, merged, q_scaled, k_scaled, s_scaling, nan_guard,
@@ -101,18 +106,43 @@ class CausalAttention(pattern.RewriteRuleClassBase):
         heads, head_size = self._heads(q_shape)
         source, fill, _ = self._mask_memo[mask_bias.name]
         scale = attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
-        attrs = {"num_heads": heads, "unidirectional": 1, "mask_filter_value": max(fill, _FLOAT_MIN)}
+        if self._ctx.use_gpu:   # the export's own bias: ONNX Runtime's CUDA kernels then match it on every row
+            attrs = {"num_heads": heads}
+            inputs = [q_in, k_in, v_in, None, None, mask_bias]
+        else:
+            attrs = {"num_heads": heads, "unidirectional": 1, "mask_filter_value": max(fill, _FLOAT_MIN)}
+            inputs = [q_in, k_in, v_in, None, op.Cast(source, to=ir.DataType.INT32), None]
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
             attrs["scale"] = float(scale)
-        inputs = [q_in, k_in, v_in, None, op.Cast(source, to=ir.DataType.INT32)]
         if self._with_past:
-            inputs += [None, past_key, past_value]
-            out, _present_k, _present_v = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, _outputs=3, **attrs)
+            inputs += [past_key, past_value]
+            out, _present_k, present_v = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, _outputs=3, **attrs)
         else:
-            out = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, **attrs)
-        if math.isinf(fill) and nan_guard:
+            while inputs[-1] is None:
+                inputs.pop()
+            out, present_v = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, **attrs), None
+        if self._ctx.use_gpu:   # a row that sees no key: the export's uniform softmax (the mean of V), or
+            seen = op.Cast(_has_visible_key(op, source, q_in), to=ir.DataType.BOOL)   # its NaN guard's zeros
+            mean = self._mean_of_values(op, v_in, present_v)
+            out = op.Where(seen, out, op.Sub(mean, mean) if math.isinf(fill) and nan_guard else mean)
+        elif math.isinf(fill) and nan_guard:
             out = op.Mul(out, _has_visible_key(op, source, q_in))
         return op.Reshape(out, merged.producer().inputs[1])
+
+    def _mean_of_values(self, op, v_in, present_v):
+        """[B, 1, hidden]: every head's mean over all keys (past + current), heads merged.
+
+        The bias form needs it in float16: a row whose keys are all masked is uniform in the float32 export
+        (score + float32 min == float32 min), but the float16 bias (-65504 or -inf) no longer absorbs the score."""
+        def mean(value, axis):
+            if self._opset >= 18:
+                return op.ReduceMean(value, op.Constant(value_ints=[axis]), keepdims=1)
+            return op.ReduceMean(value, axes=[axis], keepdims=1)
+
+        if present_v is None:
+            return mean(v_in, 1)
+        merged = op.Transpose(mean(present_v, 2), perm=[0, 2, 1, 3])
+        return op.Reshape(merged, op.Constant(value_ints=[0, 1, -1]))
 
     def _heads(self, q_shape) -> tuple[int, int]:
         tail = shape_tail(q_shape)
