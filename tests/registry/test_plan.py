@@ -1,0 +1,114 @@
+"""``mlstep plan`` against the real session ``mlflow server``: variants published the way the step publishes them
+(``registry.publish`` + ``finish``), then the console script prints the matrix of what is left to do."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from registry_helpers import client, files, step_publish, tiny_model  # noqa: E402,F401 - fixtures
+
+from mlstep import registry  # noqa: E402
+
+MLSTEP = [str(Path(sys.executable).parent / "mlstep")]
+
+
+def plan(tracking: str, *flags: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": tracking}
+    return subprocess.run([*MLSTEP, "plan", *flags], env=env, capture_output=True, text=True, timeout=300)
+
+
+def register_source(client, tracking: str, path: Path, name: str) -> str:
+    """An ONNX model logged with MLflow's ONNX flavor and registered as a new version of ``name``."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(onnx.load(str(path)), name="model", registered_model_name=name,
+                                     pip_requirements=["onnx"])
+    return str(info.registered_model_version)
+
+
+@pytest.fixture(scope="module")
+def registry_state(mlflow_server, tmp_path_factory):
+    """plan-todo@candidate: nothing published; plan-done@candidate: both variants passed (registered as
+    plan-done-opt, which then also gets @candidate: a variant is never planned); plan-failed@candidate: its
+    variants failed their gates; plan-moved: v1 done, @candidate moved to v2; plan-noalias: no @candidate."""
+    from mlflow import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("plan")
+    c = MlflowClient(mlflow_server, mlflow_server)
+    store = registry.Store(mlflow_server)
+
+    def source(name: str, seed: int) -> str:
+        return register_source(c, mlflow_server, tiny_model(tmp / f"{name}-{seed}.onnx", seed), name)
+
+    def variants(seed: int) -> dict[str, Path]:
+        return {v: tiny_model(tmp / f"{v}-{seed}.onnx", seed + i) for i, v in enumerate(("fp32", "fp16"), 1)}
+
+    for name, seed in (("plan-todo", 10), ("plan-done", 20), ("plan-failed", 30), ("plan-noalias", 50)):
+        version = source(name, seed)
+        if name != "plan-noalias":
+            c.set_registered_model_alias(name, "candidate", version)
+    pub = step_publish(store, "models:/plan-done@candidate", "plan-done-opt", variants(20))
+    assert {r.status for r in pub.registrations.values()} == {"registered"}
+    c.set_registered_model_alias("plan-done-opt", "candidate", "1")
+    step_publish(store, "models:/plan-failed@candidate", "plan-failed-opt", variants(30),
+                 passed={"fp32": False, "fp16": False})
+    c.set_registered_model_alias("plan-moved", "candidate", source("plan-moved", 40))
+    step_publish(store, "models:/plan-moved@candidate", "plan-moved-opt", variants(40))
+    c.set_registered_model_alias("plan-moved", "candidate", source("plan-moved", 41))
+    return mlflow_server
+
+
+def entry(name: str, version: str) -> dict:
+    return {"model": name, "version": version, "alias": "candidate", "model-uri": f"models:/{name}/{version}"}
+
+
+def test_plan_lists_versions_without_a_passing_variant(registry_state):
+    proc = plan(registry_state, "--alias", "candidate", "--model-filter", "plan-*")
+    assert proc.returncode == 0, proc.stderr
+    matrix = json.loads(proc.stdout)
+    assert sorted(matrix["include"], key=lambda e: e["model"]) == [
+        entry("plan-failed", "1"), entry("plan-moved", "2"), entry("plan-todo", "1")]
+    why = proc.stderr
+    assert "models:/plan-done/1 (@candidate): done (fp16 models:/plan-done-opt/2, fp32 models:/plan-done-opt/1)" in why
+    assert "models:/plan-done-opt/1 (@candidate): an mlstep fp32 variant itself: skipped" in why
+    assert "plan-noalias: no @candidate: skipped" in why
+    assert "models:/plan-failed/1 (@candidate): no passing mlstep variant: planned" in why
+
+
+def test_plan_named_model_and_limit(registry_state):
+    proc = plan(registry_state, "--model", "plan-todo", "--model", "plan-done")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"include": [entry("plan-todo", "1")]}
+
+    proc = plan(registry_state, "--model-filter", "plan-[mt]*", "--max", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["include"]) == 1
+    assert "over --max 1: left for the next plan" in proc.stderr
+
+
+def test_plan_nothing_to_do_is_an_empty_matrix(registry_state):
+    proc = plan(registry_state, "--alias", "champion", "--model-filter", "plan-*")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"include": []}
+
+
+@pytest.mark.parametrize("flags,needle", [(["--model", "plan-nonexistent"], "models:/plan-nonexistent: not found"),
+                                          (["--alias", "v3"], "invalid alias 'v3'")])
+def test_plan_bad_input_is_one_line_exit_2(registry_state, flags, needle):
+    proc = plan(registry_state, *flags)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
