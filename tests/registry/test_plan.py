@@ -87,28 +87,40 @@ def test_plan_lists_versions_without_a_passing_variant(registry_state):
     assert "models:/plan-failed/1 (@candidate): no passing mlstep variant: planned" in why
 
 
-def test_plan_named_model_and_limit(registry_state):
-    proc = plan(registry_state, "--model", "plan-todo", "--model", "plan-done")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"include": [entry("plan-todo", "1")]}
+def plan_in_process(tracking: str, monkeypatch, capsys, *flags: str) -> tuple[int, dict, str]:
+    """The same command in this process (no interpreter start): exit code, matrix, stderr."""
+    from mlstep.cli.main import main
 
-    proc = plan(registry_state, "--model-filter", "plan-[mt]*", "--max", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert len(json.loads(proc.stdout)["include"]) == 1
-    assert "over --max 1: left for the next plan" in proc.stderr
-
-
-def test_plan_nothing_to_do_is_an_empty_matrix(registry_state):
-    proc = plan(registry_state, "--alias", "champion", "--model-filter", "plan-*")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"include": []}
+    for var in [v for v in os.environ if v.startswith("MLFLOW_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    code = main(["plan", *flags])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if code == 0 else {}, err
 
 
-@pytest.mark.parametrize("flags,needle", [(["--model", "plan-nonexistent"], "models:/plan-nonexistent: not found"),
-                                          (["--alias", "v3"], "invalid alias 'v3'")])
-def test_plan_bad_input_is_one_line_exit_2(registry_state, flags, needle):
-    proc = plan(registry_state, *flags)
+def test_plan_named_model_limit_and_empty(registry_state, monkeypatch, capsys):
+    code, matrix, err = plan_in_process(registry_state, monkeypatch, capsys, "--model", "plan-todo", "--model",
+                                        "plan-done")
+    assert (code, matrix) == (0, {"include": [entry("plan-todo", "1")]}), err
+
+    code, matrix, err = plan_in_process(registry_state, monkeypatch, capsys, "--model-filter", "plan-[mt]*",
+                                        "--max", "1")
+    assert code == 0 and len(matrix["include"]) == 1, err
+    assert "over --max 1: left for the next plan" in err
+
+    code, matrix, err = plan_in_process(registry_state, monkeypatch, capsys, "--alias", "champion",
+                                        "--model-filter", "plan-*")
+    assert (code, matrix) == (0, {"include": []}), err
+
+    code, _, err = plan_in_process(registry_state, monkeypatch, capsys, "--alias", "v3")
+    assert code == 2 and err.strip().splitlines() == [
+        "mlstep: error: invalid alias 'v3' (letters, digits, '-' and '_'; not 'latest' or 'v<number>')"]
+
+
+def test_plan_unknown_model_is_one_line_exit_2(registry_state):
+    proc = plan(registry_state, "--model", "plan-nonexistent")
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert len(lines) == 1 and "models:/plan-nonexistent: not found" in lines[0], proc.stderr
