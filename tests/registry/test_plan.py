@@ -124,3 +124,39 @@ def test_plan_unknown_model_is_one_line_exit_2(registry_state):
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "models:/plan-nonexistent: not found" in lines[0], proc.stderr
+
+
+def test_optimize_workflows_plan_step_on_a_dispatched_event(registry_state, tmp_path):
+    """optimize.yml's plan step (its script, as the runner runs it) for the repository_dispatch `mlstep relay`
+    sends: the matrix and count outputs come from the real registry; a payload without alias (a new version)
+    is that version alone."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    wf = yaml.safe_load((root / ".github" / "workflows" / "optimize.yml").read_text())
+    step = next(s for s in wf["jobs"]["plan"]["steps"] if s.get("id") == "plan")
+    venv_bin = tmp_path / "mlstep-venv" / "bin"                 # the install step's venv: this interpreter
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").symlink_to(sys.executable)
+    (venv_bin / "mlstep").symlink_to(MLSTEP[0])
+
+    def run(**payload: str) -> dict[str, str]:
+        output = tmp_path / "output"
+        output.write_text("")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env |= {"MLFLOW_TRACKING_URI": registry_state, "RUNNER_TEMP": str(tmp_path), "GITHUB_OUTPUT": str(output),
+                "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"), "EVENT": "repository_dispatch",
+                "MODEL_URI": "", "MODEL_FILTER": "", "ALIAS": payload.get("alias") or "candidate",
+                "DISPATCHED_MODEL": payload["model"], "DISPATCHED_VERSION": payload["version"],
+                "DISPATCHED_ALIAS": payload.get("alias", "")}
+        proc = subprocess.run(["bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c", step["run"]], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return dict(line.split("=", 1) for line in output.read_text().splitlines())
+
+    got = run(model="plan-todo", version="1", alias="candidate")
+    assert got["count"] == "1" and json.loads(got["matrix"]) == {"include": [entry("plan-todo", "1")]}
+    got = run(model="plan-done", version="1", alias="candidate")
+    assert got["count"] == "0" and json.loads(got["matrix"]) == {"include": []}
+    got = run(model="plan-noalias", version="1")
+    assert json.loads(got["matrix"]) == {"include": [{"model": "plan-noalias", "model-uri": "models:/plan-noalias/1"}]}
