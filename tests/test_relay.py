@@ -258,3 +258,30 @@ def test_missing_secret_is_one_line_exit_2(receiver):
     assert proc.stderr.strip().splitlines() == [
         "mlstep: error: MLSTEP_WEBHOOK_SECRET is not set: the MLflow webhook's secret (the relay refuses unsigned "
         "deliveries)"]
+
+
+# ------------------------------------------------------------------------------------------ the decision alone
+
+def test_new_version_events_and_bounded_memory(receiver):
+    """``--event model_version.created``: the payload's alias is empty; delivery ids are forgotten once the
+    window refuses them anyway (the clock is the relay's own, advanced by the test)."""
+    from mlstep.relay import Relay, settings_from
+
+    settings = settings_from(REPO, api_url=receiver.url, event_type="mlstep-optimize",
+                             events=["model_version.created"], aliases=None, model_filter=None, window_s=300,
+                             host="127.0.0.1", port=0, env={"MLSTEP_WEBHOOK_SECRET": SECRET, "GITHUB_TOKEN": TOKEN})
+    now = [time.time()]
+    relay = Relay(settings, clock=lambda: now[0])
+    body, headers = delivery("model_version.created", {"name": "relay-new", "version": "4", "source": "models:/m-1",
+                                                       "run_id": None, "tags": {}, "description": None})
+    verdict = relay.handle(headers, body)
+    assert (verdict.status, verdict.outcome, verdict.alias) == (200, "dispatched", "-")
+    expect_dispatch(receiver, "relay-new", "4", "")
+    assert relay.handle(headers, body).status == 409
+    body2, headers2 = delivery()                                   # alias events are not relayed by this one
+    assert relay.handle(headers2, body2).status == 422
+    now[0] += 1000                                                 # past twice the window
+    body3, headers3 = delivery("model_version.created", {"name": "relay-new", "version": "5"}, age_s=-1000)
+    assert relay.handle(headers3, body3).outcome == "dispatched"
+    expect_dispatch(receiver, "relay-new", "5", "")
+    assert list(relay._seen) == [headers3["X-MLflow-Delivery-Id"]]
