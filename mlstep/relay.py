@@ -273,7 +273,10 @@ def make_server(relay: Relay, log: Callable[[str], None] | None = None) -> Threa
 
 def serve(settings: RelaySettings) -> None:
     """Run until interrupted; the first stderr line names the listening URL."""
-    server = make_server(Relay(settings))
+    try:
+        server = make_server(Relay(settings))
+    except OSError as err:
+        raise UsageError(f"cannot listen on {settings.host}:{settings.port} ({err.strerror or err})") from None
     host, port = server.server_address[:2]
     events = ",".join(settings.events)
     print(f"mlstep relay: listening on http://{host}:{port}{PATH} (events {events}; aliases "

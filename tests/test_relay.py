@@ -250,7 +250,7 @@ def test_github_failure_is_retryable_with_the_same_delivery(relay, receiver):
     assert "200 dispatched" in next_verdict(relay)
 
 
-def test_missing_secret_is_one_line_exit_2(receiver):
+def test_bad_settings_are_one_line_exit_2(receiver):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSTEP_", "GITHUB_"))} | {"GITHUB_TOKEN": TOKEN}
     proc = subprocess.run([*MLSTEP, "relay", "-r", REPO, "--api-url", receiver.url], env=env, capture_output=True,
                           text=True, timeout=WAIT)
@@ -258,6 +258,14 @@ def test_missing_secret_is_one_line_exit_2(receiver):
     assert proc.stderr.strip().splitlines() == [
         "mlstep: error: MLSTEP_WEBHOOK_SECRET is not set: the MLflow webhook's secret (the relay refuses unsigned "
         "deliveries)"]
+
+    port = str(receiver.server.server_address[1])                  # taken: the receiver listens there
+    proc = subprocess.run([*MLSTEP, "relay", "-r", REPO, "--port", port], env=env | {"MLSTEP_WEBHOOK_SECRET": SECRET},
+                          capture_output=True, text=True, timeout=WAIT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"mlstep: error: cannot listen on 127.0.0.1:{port} (Address already "
+                                                f"in use)"]
+    assert SECRET not in proc.stdout + proc.stderr and TOKEN not in proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------------------ the decision alone
