@@ -52,13 +52,20 @@ def registry_state(mlflow_server, tmp_path_factory):
     def source(name: str, seed: int) -> str:
         return register_source(c, mlflow_server, tiny_model(tmp / f"{name}-{seed}.onnx", seed), name)
 
+    def bare(name: str) -> str:
+        """A version nothing will download (the plan reads tags and aliases only)."""
+        if not c.search_registered_models(f"name = '{name}'"):
+            c.create_registered_model(name)
+        run = c.create_run(experiment_id="0")
+        return c.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+
     def variants(seed: int) -> dict[str, Path]:
         return {v: tiny_model(tmp / f"{v}-{seed}.onnx", seed + i) for i, v in enumerate(("fp32", "fp16"), 1)}
 
-    for name, seed in (("plan-todo", 10), ("plan-done", 20), ("plan-failed", 30), ("plan-noalias", 50)):
-        version = source(name, seed)
-        if name != "plan-noalias":
-            c.set_registered_model_alias(name, "candidate", version)
+    for name, seed in (("plan-done", 20), ("plan-failed", 30)):
+        c.set_registered_model_alias(name, "candidate", source(name, seed))
+    c.set_registered_model_alias("plan-todo", "candidate", bare("plan-todo"))
+    bare("plan-noalias")
     pub = step_publish(store, "models:/plan-done@candidate", "plan-done-opt", variants(20))
     assert {r.status for r in pub.registrations.values()} == {"registered"}
     c.set_registered_model_alias("plan-done-opt", "candidate", "1")
@@ -66,7 +73,7 @@ def registry_state(mlflow_server, tmp_path_factory):
                  passed={"fp32": False, "fp16": False})
     c.set_registered_model_alias("plan-moved", "candidate", source("plan-moved", 40))
     step_publish(store, "models:/plan-moved@candidate", "plan-moved-opt", variants(40))
-    c.set_registered_model_alias("plan-moved", "candidate", source("plan-moved", 41))
+    c.set_registered_model_alias("plan-moved", "candidate", bare("plan-moved"))
     return mlflow_server
 
 
