@@ -245,10 +245,12 @@ def make_server(relay: Relay, log: Callable[[str], None] | None = None) -> Threa
             delivery = (self.headers.get(DELIVERY_HEADER) or "")[:64]
             if self.path != PATH:
                 verdict = Verdict(404, "refused", f"unknown path (POST {PATH})")
+                self.close_connection = True
             else:
                 length = self.headers.get("Content-Length") or ""
                 if not length.isdigit() or int(length) > MAX_BODY:
                     verdict = Verdict(413 if length.isdigit() else 411, "refused", "body length missing or too large")
+                    self.close_connection = True        # the unread body must not be taken for a next request
                 else:
                     verdict = relay.handle(self.headers, self.rfile.read(int(length)))
             line = log_line(delivery, verdict)
