@@ -26,6 +26,42 @@ class ExportSpec:
         return f"{self.family}-{self.exporter}{self.opset}-{self.attention}" + ("" if self.token_type_ids else "-nott")
 
 
+@dataclass(frozen=True)
+class Head:
+    """A task head ``mlstep export`` keeps: the transformers mapping that names its class per family, the
+    Auto class that builds it, and its outputs with their dynamic axes."""
+
+    task: str
+    mapping: str                        # transformers.models.auto.modeling_auto.<mapping>[model_type]
+    auto_class: str
+    outputs: tuple[str, ...]
+    axes: tuple[tuple[str, ...], ...]   # per output: names of its leading dynamic axes
+
+
+HEADS = (
+    Head("base model", "MODEL_MAPPING_NAMES", "AutoModel", ("last_hidden_state",), (("batch", "sequence"),)),
+    Head("sequence classification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+         "AutoModelForSequenceClassification", ("logits",), (("batch",),)),
+    Head("token classification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "AutoModelForTokenClassification",
+         ("logits",), (("batch", "sequence"),)),
+    Head("question answering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "AutoModelForQuestionAnswering",
+         ("start_logits", "end_logits"), (("batch", "sequence"), ("batch", "sequence"))),
+    Head("masked LM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM", ("logits",),
+         (("batch", "sequence"),)),
+)
+GPT2_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")    # causal LM head, base model
+
+
+def head_for(model_type: str, architecture: str | None) -> Head | None:
+    """The head ``architecture`` (config.json's ``architectures[0]``) names for an encoder family; None when
+    mlstep does not export it. No architecture: the base model."""
+    from transformers.models.auto import modeling_auto
+
+    if not architecture:
+        return HEADS[0]
+    return next((h for h in HEADS if getattr(modeling_auto, h.mapping).get(model_type) == architecture), None)
+
+
 def tiny_config(family: str, attention: str = "sdpa", **overrides):
     """A small random-weight transformers config of the given family."""
     import transformers as tf
@@ -48,12 +84,14 @@ def tiny_config(family: str, attention: str = "sdpa", **overrides):
     return cfg
 
 
-def build_model(config, seed: int = 0):
+def build_model(config, seed: int = 0, auto_class: str = "AutoModel"):
+    """Random weights (seed) for ``config`` under ``auto_class`` (AutoModel: the base encoder; a head's
+    Auto class, e.g. AutoModelForSequenceClassification, keeps the head)."""
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModel.from_config(config, attn_implementation=config._attn_implementation)
+    model = getattr(tf, auto_class).from_config(config, attn_implementation=config._attn_implementation)
     # Fresh configs start with zero biases and unit LayerNorm scales; perturb every parameter so that a
     # fusion that drops or swaps a bias, a scale or a weight cannot pass parity by accident.
     with torch.no_grad():
@@ -64,8 +102,9 @@ def build_model(config, seed: int = 0):
 
 
 def export_encoder(model, path: Path, exporter: str = "dynamo", opset: int = 18,
-                   token_type_ids: bool = True, external_data: bool = False) -> Path:
-    """Export an encoder (BERT-like) with inputs input_ids, attention_mask[, token_type_ids]."""
+                   token_type_ids: bool = True, external_data: bool = False, head: Head | None = None) -> Path:
+    """Export an encoder (BERT-like) with inputs input_ids, attention_mask[, token_type_ids] and the outputs of
+    ``head`` (default: the base model's last_hidden_state)."""
     import torch
 
     path = Path(path)
@@ -85,21 +124,23 @@ def export_encoder(model, path: Path, exporter: str = "dynamo", opset: int = 18,
 
         def forward(self, *inputs):
             out = self.inner(**dict(zip(names, inputs)))
-            return out.last_hidden_state
+            values = tuple(getattr(out, name) for name in head.outputs)
+            return values[0] if len(values) == 1 else values
 
+    head = head or HEADS[0]
+    output_axes = {name: dict(enumerate(axes)) for name, axes in zip(head.outputs, head.axes)}
     wrapped = Wrapper(model).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
             torch.onnx.export(wrapped, tuple(args), str(path), input_names=names,
-                              output_names=["last_hidden_state"], opset_version=opset, dynamo=False,
-                              dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names}
-                              | {"last_hidden_state": {0: "batch", 1: "sequence"}})
+                              output_names=list(head.outputs), opset_version=opset, dynamo=False,
+                              dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names} | output_axes)
         elif exporter == "dynamo":
             b = torch.export.Dim("batch", min=1, max=1024)
             s = torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings - 4)
             prog = torch.onnx.export(wrapped, tuple(args), input_names=names,
-                                     output_names=["last_hidden_state"], opset_version=opset, dynamo=True,
+                                     output_names=list(head.outputs), opset_version=opset, dynamo=True,
                                      dynamic_shapes=(tuple({0: b, 1: s} for _ in names),), verbose=False)
             prog.save(str(path), external_data=external_data)
         else:
@@ -335,8 +376,10 @@ def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo
                  attention: str = "sdpa", with_past: bool = False, lm_head: bool = True,
                  external_data: bool | None = None) -> ExportResult:
     """Export a local transformers model folder (its weights) or a config JSON (random weights, seed 0) of
-    the families bert, distilbert, roberta, albert (base model: last_hidden_state) and gpt2
-    (GPT2LMHeadModel, or GPT2Model with ``lm_head=False``; ``with_past`` adds past/present tensors).
+    the families bert, distilbert, roberta, albert and gpt2, keeping the head that config.json's
+    ``architectures`` names (see ``HEADS``: base model, sequence / token classification, question answering,
+    masked LM; gpt2: GPT2LMHeadModel, or GPT2Model, also with ``lm_head=False``; ``with_past`` adds
+    past/present tensors). Any other architecture is refused (BadInputError), nothing written.
     ``external_data`` None: weights go beside the model when they exceed 1 GiB."""
     import tempfile
 
@@ -359,6 +402,9 @@ def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo
     family = config.model_type
     if family != "gpt2" and (with_past or not lm_head):
         raise UsageError(f"--with-past and --no-lm-head apply to gpt2 only, not {family}")
+    head = _head_or_refuse(source, config)
+    if family == "gpt2" and head == "GPT2Model":
+        lm_head = False
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -370,9 +416,9 @@ def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo
     if family == "gpt2":
         cls = tf.GPT2LMHeadModel if lm_head else tf.GPT2Model
     else:
-        cls = tf.AutoModel
+        cls = getattr(tf, head.auto_class)
     if folder is None:
-        model = build_gpt2(config, lm_head=lm_head) if family == "gpt2" else build_model(config)
+        model = build_gpt2(config, lm_head=lm_head) if family == "gpt2" else build_model(config, 0, head.auto_class)
     else:
         try:
             model = cls.from_pretrained(folder, config=config, attn_implementation=attention).eval()
@@ -388,7 +434,7 @@ def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo
         if family == "gpt2":
             export_gpt2(model, raw, exporter, opset, with_past=with_past, external_data=exporter == "dynamo")
         else:
-            export_encoder(model, raw, exporter, opset, external_data=exporter == "dynamo")
+            export_encoder(model, raw, exporter, opset, external_data=exporter == "dynamo", head=head)
         onnx_model = ir.load(raw)
         readable_dims(onnx_model, with_past)
         for stale in (output, output.with_name(output.name + ".data")):
@@ -406,3 +452,25 @@ def export_model(source: str | Path, output: str | Path, exporter: str = "dynamo
                         [(v.name, dims(v)) for v in saved.graph.inputs],
                         [(v.name, dims(v)) for v in saved.graph.outputs], external)
 
+
+
+def _head_or_refuse(source, config):
+    """The encoder :class:`Head` (or, for gpt2, the architecture name) that ``config.architectures`` names."""
+    from transformers.models.auto import modeling_auto
+
+    from mlstep.errors import BadInputError
+
+    architectures = [a for a in (getattr(config, "architectures", None) or []) if a]
+    architecture = architectures[0] if architectures else None
+    family = config.model_type
+    if family == "gpt2":
+        if architecture in (None, *GPT2_ARCHITECTURES):
+            return architecture or GPT2_ARCHITECTURES[0]
+        kept = ", ".join(GPT2_ARCHITECTURES)
+    else:
+        head = head_for(family, architecture)
+        if head is not None:
+            return head
+        kept = ", ".join(getattr(modeling_auto, h.mapping)[family] for h in HEADS)
+    raise BadInputError(f"{source}: architecture {architecture} is not exported; for {family} mlstep export keeps "
+                        f"{kept}")

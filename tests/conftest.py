@@ -38,10 +38,11 @@ def exported(export_dir):
 
 
 @contextlib.contextmanager
-def running_mlflow_server(root: Path, port: int | None = None, kill_signal: int | None = None):
+def running_mlflow_server(root: Path, port: int | None = None, kill_signal: int | None = None,
+                          env: dict[str, str] | None = None):
     """Start a real ``mlflow server`` on 127.0.0.1 (sqlite backend ``root/mlflow.db``, proxied artifacts in
     ``root/artifacts``), wait for /health and yield ``(uri, stop)``; ``stop()`` (also called at the end)
-    ends its process group with ``kill_signal`` (default SIGTERM)."""
+    ends its process group with ``kill_signal`` (default SIGTERM). ``env``: more server environment."""
     import signal
     import socket
     import subprocess
@@ -59,7 +60,8 @@ def running_mlflow_server(root: Path, port: int | None = None, kill_signal: int 
     command += ["server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                 "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_DISABLE_TELEMETRY": "true"} \
+        | (env or {})
     log = open(root / "server.log", "ab")
     proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"

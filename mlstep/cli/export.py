@@ -21,8 +21,9 @@ class AttentionImpl(str, Enum):
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", show_default=False,
     help="A local transformers model folder (config.json + weights) or a config JSON (random weights, seed 0). "
-         "Families: bert, distilbert, roberta, albert (base model), gpt2 (GPT2LMHeadModel; DistilGPT2 is a "
-         "6-layer gpt2).")]
+         "Families: bert, distilbert, roberta, albert, gpt2 (DistilGPT2 is a 6-layer gpt2). The head that "
+         "config.json's architectures names is kept: base model, sequence or token classification, question "
+         "answering, masked LM; gpt2: GPT2LMHeadModel or GPT2Model. Other architectures are refused.")]
 OutputOpt = Annotated[Path, typer.Option(
     "--output", "-o", metavar="FILE", show_default=False,
     help="The .onnx file to write (weights beside it as FILE.data when large or with --external-data).")]
@@ -54,7 +55,7 @@ def export(
 ) -> None:
     """Export a transformers model (local folder or config JSON) to ONNX, with readable dynamic dims (batch, sequence, past_sequence, total_sequence).
 
-    Exit code 0 when written, 2 for bad input or usage (a missing folder, an unreadable config, an unsupported architecture).
+    Exit code 0 when written, 2 for bad input or usage (a missing folder, an unreadable config, an unsupported architecture or task head).
     """  # noqa: E501 (typer keeps line breaks: one paragraph per line)
     import logging
 

@@ -26,7 +26,9 @@ from mlstep import __version__
 from mlstep.cli import benchmark as benchmark_cmd
 from mlstep.cli import export as export_cmd
 from mlstep.cli import optimize as optimize_cmd
+from mlstep.cli import plan as plan_cmd
 from mlstep.cli import promote as promote_cmd
+from mlstep.cli import relay as relay_cmd
 from mlstep.errors import MlstepError
 
 INTERNAL_ERROR = 3
@@ -73,6 +75,8 @@ app.command("optimize", no_args_is_help=True)(optimize_cmd.optimize)
 app.command("benchmark", no_args_is_help=True)(benchmark_cmd.benchmark)
 app.command("promote", no_args_is_help=True)(promote_cmd.promote)
 app.command("export", no_args_is_help=True)(export_cmd.export)
+app.command("plan")(plan_cmd.plan)
+app.command("relay", no_args_is_help=True)(relay_cmd.relay)
 
 
 @app.command("version")
