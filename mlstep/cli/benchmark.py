@@ -42,7 +42,8 @@ OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", metavar="DIR", show_default=False,
     help="Write benchmark.md, benchmark.csv, benchmark.json and latency.png into DIR.")]
 LogOpt = Annotated[bool, typer.Option(
-    "--log-to-mlflow", help="Log the figures and files to MLflow (always done for an MLflow URI source).")]
+    "--log-to-mlflow",
+    help="Log the figures and files as a run in MLflow (MLFLOW_TRACKING_URI; always done for an MLflow source).")]
 
 
 def benchmark(
@@ -75,30 +76,27 @@ def benchmark(
     log = log_to_mlflow or source.startswith(MLFLOW_SCHEMES)
     if log:
         mlflow_logger()                     # fail before timing anything when logging is unavailable
-    with _resolved(source) as (model_path, source_uri):
+    with _resolved(source, identify=log) as resolved:
         with _progress() as progress:
-            result = run_grid(model_path, settings, progress=progress)
+            result = run_grid(resolved.local_path, settings, progress=progress)
     if output is not None:
         result.write(output)
     _print_table(result)
     if log:
-        log_grid(result, source_uri)
+        logged = log_grid(result, resolved)
+        print(f"mlflow: {logged}", flush=True)
 
 
 @contextlib.contextmanager
-def _resolved(source: str):
-    """(local .onnx path, the source as recorded): through mlstep.registry when it is there (MLflow URIs)."""
-    try:
-        from mlstep.registry import materialize
-    except ImportError:
-        materialize = None
-    if materialize is None:
-        from mlstep.step import resolve_source
+def _resolved(source: str, identify: bool):
+    """The source resolved by mlstep.registry (MLflow URIs downloaded; a local file hashed when logged, and the
+    store asked first: a dead one fails before the timing, not after)."""
+    from mlstep.registry import Store, is_mlflow_uri, materialize
 
-        yield resolve_source(source), source
-        return
-    with materialize(source) as resolved:
-        yield resolved.local_path, resolved.uri
+    if identify and not is_mlflow_uri(source):
+        Store().ping()
+    with materialize(source, identify_local=identify) as resolved:
+        yield resolved
 
 
 def _ints(values: list[str] | None, flag: str) -> tuple[int, ...]:

@@ -4,9 +4,11 @@
 ``store``    where the store is, the retry policy, MLflow's failures turned into one-line mlstep errors
 ``publish``  the step's run and exactly one registered version per (key, variant); returns what it did
 ``promote``  move an alias on evidence (the version's own run and report), not on a tag
+``benchmark`` ``mlstep benchmark``'s run: the grid's params, metrics and files, the source as its input
 """
 from __future__ import annotations
 
+from mlstep.registry.benchmark import LoggedBenchmark, log_benchmark
 from mlstep.registry.promote import Promotion, check_request
 from mlstep.registry.promote import promote as _promote
 from mlstep.registry.publish import (DEFAULT_ALIASES, DEFAULT_EXPERIMENT, TAG_GATES, TAG_KEY, TAG_OPTIONS_HASH,
@@ -28,10 +30,10 @@ def promote(uri: str, alias: str, store: Store | None = None) -> Promotion:
     return _promote(store or Store(), uri, alias)
 
 
-__all__ = ["DEFAULT_ALIASES", "DEFAULT_EXPERIMENT", "MLFLOW_SCHEMES", "Promotion", "Publication", "PublishRequest",
+__all__ = ["DEFAULT_ALIASES", "DEFAULT_EXPERIMENT", "LoggedBenchmark", "MLFLOW_SCHEMES", "Promotion", "Publication", "PublishRequest",
            "Registration", "Registry", "Resolved", "Store", "TAG_GATES", "TAG_KEY", "TAG_MLSTEP_RUN",
            "TAG_OPTIONS_HASH", "TAG_SHA256", "TAG_SOURCE", "TAG_SOURCE_SHA256", "TAG_VARIANT", "VariantToPublish",
            "check_alias", "check_name", "ci_tags", "description", "finish", "idempotency_key", "input_example",
-           "is_mlflow_uri", "materialize", "metric_values", "model_digest", "model_id_of_version", "onnx_in_model_dir",
+           "is_mlflow_uri", "log_benchmark", "materialize", "metric_values", "model_digest", "model_id_of_version", "onnx_in_model_dir",
            "params_of", "promote", "publish", "record", "request_from_report", "resolve_local", "retry_policy",
            "source_digest", "source_tags", "tracking_uri", "variant_metrics"]
