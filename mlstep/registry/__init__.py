@@ -27,7 +27,7 @@ Registry = Store            # the name the step used before the split
 def promote(uri: str, alias: str, store: Store | None = None) -> Promotion:
     """``mlstep promote``: see :mod:`mlstep.registry.promote`."""
     check_request(uri, alias)           # a bad request fails before any store is opened (or created)
-    return _promote(store or Store(), uri, alias)
+    return _promote(store or Store(reading=uri), uri, alias)
 
 
 __all__ = ["DEFAULT_ALIASES", "DEFAULT_EXPERIMENT", "LoggedBenchmark", "MLFLOW_SCHEMES", "Promotion", "Publication", "PublishRequest",

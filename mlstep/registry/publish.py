@@ -20,8 +20,9 @@ variant:
 So lost replies, client retries and N concurrent steps converge on exactly one version per (key, variant),
 and re-runs register nothing. Store failures are never raised from :func:`publish`: the run is ended
 FAILED, LoggedModels this run left PENDING are marked FAILED (when the store still answers), and
-``Publication.error`` says what failed. A later run on this host reaps runs of the same key that a dead
-mlstep process left RUNNING.
+``Publication.error`` says what failed. A later run of the same key ends the runs a dead mlstep process left
+RUNNING: on this host when the process is gone (FAILED), on another host when the run is older than
+``MLSTEP_STALE_RUN_HOURS`` (KILLED); see :func:`_reap`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ TAG_KEY = "mlstep.key"
 TAG_SHA256 = "mlstep.sha256"               # the registered model's own files (see model_digest)
 TAG_GATES = "mlstep.gates"
 TAG_HOST, TAG_PID = "mlstep.host", "mlstep.pid"
+TAG_ENDED_BY = "mlstep.ended_by"           # on a stale run another step ended
+ENV_STALE_HOURS = "MLSTEP_STALE_RUN_HOURS"
 TAG_NOTE = "mlflow.note.content"          # the run's description in MLflow's UI: report.md
 NOTE_LIMIT = 8000                          # MLflow's limit for a tag value
 TAG_OPTIMIZED = "mlstep.optimized"         # on a source: mlstep.optimized.<variant> = models:/NAME/VERSION
@@ -125,7 +128,7 @@ class Publication:
     registrations: dict[str, Registration] = field(default_factory=dict)
     run_status: str | None = None   # FINISHED | FAILED | RUNNING (the store stopped answering before it ended)
     removed: list[str] = field(default_factory=list)         # duplicate versions removed (models:/N/V)
-    reaped: list[str] = field(default_factory=list)          # runs of dead steps ended FAILED
+    reaped: list[str] = field(default_factory=list)          # runs of dead steps ended (FAILED / KILLED)
     error: str | None = None
     _logged: list[str] = field(default_factory=list, repr=False)   # LoggedModels this run created
 
@@ -153,7 +156,7 @@ def record(store: Store, resolved: Resolved, register_as: str | None, pub: Publi
         "run_id": pub.run_id, "run_status": pub.run_status, "key": pub.key, "registered_model": register_as,
         "registrations": {v: {"status": r.status, "uri": r.uri, "alias": r.alias, "sha256": r.sha256}
                           for v, r in pub.registrations.items()},
-        "removed_duplicates": list(pub.removed), "error": pub.error})
+        "removed_duplicates": list(pub.removed), "ended_stale_runs": list(pub.reaped), "error": pub.error})
 
 
 # --------------------------------------------------------------------------------------------- publish
@@ -161,6 +164,7 @@ def record(store: Store, resolved: Resolved, register_as: str | None, pub: Publi
 def publish(store: Store, request: PublishRequest) -> Publication:
     """Log the run and register the gate-passed variants; see the module docstring. Never raises
     ``MlstepError`` for the store: ``Publication.error`` says what failed."""
+    stale_run_hours()                  # a malformed MLSTEP_STALE_RUN_HOURS fails before any request
     pub = Publication(key=request.key, registered_model=request.register_as)
     if request.register_as:
         pub.registrations = {v: Registration(v, "pending" if s.passed else "skipped",
@@ -168,11 +172,11 @@ def publish(store: Store, request: PublishRequest) -> Publication:
                              for v, s in request.variants.items()}
     try:
         pub.experiment_id = _experiment(store, request.experiment)
-        _reap(store, pub)
         run = store.call("start run", store.client.create_run, pub.experiment_id, run_name=_run_name(request),
                          tags=_run_tags(request, pub.key))
         pub.run_id, pub.run_status = run.info.run_id, "RUNNING"
         _end_duplicate_runs(store, pub)
+        _reap(store, pub)
         store.call("log params", store.client.log_batch, pub.run_id, params=_params(request.params),
                    metrics=_metrics(request.metrics))
         _log_source_input(store, pub, request.resolved)
@@ -441,18 +445,49 @@ def _end_duplicate_runs(store: Store, pub: Publication) -> None:
 
 
 def _reap(store: Store, pub: Publication) -> None:
-    """End FAILED the runs of this key that an mlstep process on this host left RUNNING when it died."""
+    """End the runs of this key that a dead mlstep process left RUNNING.
+
+    - on this host, a process that no longer exists: FAILED;
+    - on another host (whose processes cannot be asked), a run started more than ``MLSTEP_STALE_RUN_HOURS``
+      (default 24) ago: KILLED, with ``mlstep.ended_by`` saying which run ended it and why. A younger run of
+      another host is a live concurrent step: it is left to converge by itself.
+    """
     query = filter_string(tags={TAG_KEY: pub.key}) + " and attributes.status = 'RUNNING'"
     runs = store.call("search runs", store.client.search_runs, [pub.experiment_id], query)
     host = socket.gethostname()
+    stale_before = int(time.time() * 1000) - int(stale_run_hours() * 3600 * 1000)
     for run in runs:
         tags = run.data.tags or {}
-        if tags.get(TAG_HOST) != host or not tags.get(TAG_PID, "").isdigit() or _alive(int(tags[TAG_PID])):
+        if run.info.run_id == pub.run_id or run.info.run_id in pub.reaped:
+            continue
+        local = tags.get(TAG_HOST) == host and tags.get(TAG_PID, "").isdigit()
+        if local and _alive(int(tags[TAG_PID])):
+            continue
+        if not local and (run.info.start_time or 0) > stale_before:
             continue
         models = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
         _fail_pending(store, models)
-        store.call("end run", store.client.set_terminated, run.info.run_id, "FAILED")
+        if local:
+            why = f"its mlstep process {tags[TAG_PID]} on {host} is gone"
+        else:
+            started = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime((run.info.start_time or 0) / 1000))
+            why = (f"left RUNNING by host {tags.get(TAG_HOST, '?')} since {started}, more than "
+                   f"{stale_run_hours():g} h ({ENV_STALE_HOURS})")
+        store.call("end run", store.client.set_tag, run.info.run_id, TAG_ENDED_BY,
+                   scrub(f"ended by mlstep run {pub.run_id}: {why}"))
+        store.call("end run", store.client.set_terminated, run.info.run_id, "FAILED" if local else "KILLED")
         pub.reaped.append(run.info.run_id)
+
+
+def stale_run_hours() -> float:
+    value = os.environ.get(ENV_STALE_HOURS, "").strip() or "24"
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise BadInputError(f"{ENV_STALE_HOURS}={value!r}: expected a number of hours >= 0")
+    return hours
 
 
 def _alive(pid: int) -> bool:

@@ -268,7 +268,7 @@ def materialize(source: str | os.PathLike, store: "Store | None" = None, *,
     if store is None:
         from mlstep.registry.store import Store
 
-        store = Store()
+        store = Store(reading=text)
     workdir = Path(tempfile.mkdtemp(prefix="mlstep-source-"))
     try:
         yield resolve(store, text, workdir)
