@@ -30,7 +30,8 @@ MLflow)::
   "version", "alias", "run_id", "model_id"} (the resolution, e.g. ``models:/m@candidate`` ->
   ``models:/m/3``), "experiment_id", "run_id", "run_status", "key", "registered_model", "registrations":
   {variant: {"status": "registered" | "existing" | "skipped" | "failed", "uri", "alias", "sha256"}},
-  "removed_duplicates", "ended_stale_runs", "error"}`` (``mlstep.registry.record``: ``mlstep promote`` reads ``registrations``
+  "removed_duplicates", "ended_stale_runs", "error"}`` (``mlstep.registry.record``: ``mlstep promote`` reads
+  ``registrations``
   and ``variants.*.gate.passed`` back from the run's copy of this file as its evidence).
 - Credentials never appear: ``user:password@`` in any URI is replaced by ``***@``, and the values of the
   secret-bearing environment variables (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) are

@@ -293,9 +293,9 @@ def _print_summary(result, verbose: bool) -> None:
         if source.get("uri") and source["uri"] != source.get("requested"):
             console.print(f"source: {source['requested']} -> {source['uri']}", markup=False, soft_wrap=True)
         if record.get("run_id"):
-            console.print(f"mlflow: run {record['run_id']} (experiment {record['experiment_id']}) at "
-                          f"{record['tracking_uri']}" + (f", {record['run_status']}" if record.get("run_status") else ""),
-                          markup=False, soft_wrap=True)
+            status = f", {record['run_status']}" if record.get("run_status") else ""
+            console.print(f"mlflow: run {record['run_id']} (experiment {record['experiment_id']}{status}) at "
+                          f"{record['tracking_uri']}", markup=False, soft_wrap=True)
         for uri in record.get("removed_duplicates") or []:
             console.print(f"mlflow: removed duplicate version {uri}", markup=False, soft_wrap=True)
 

@@ -30,10 +30,11 @@ def promote(uri: str, alias: str, store: Store | None = None) -> Promotion:
     return _promote(store or Store(reading=uri), uri, alias)
 
 
-__all__ = ["DEFAULT_ALIASES", "DEFAULT_EXPERIMENT", "LoggedBenchmark", "MLFLOW_SCHEMES", "Promotion", "Publication", "PublishRequest",
-           "Registration", "Registry", "Resolved", "Store", "TAG_GATES", "TAG_KEY", "TAG_MLSTEP_RUN",
-           "TAG_OPTIONS_HASH", "TAG_SHA256", "TAG_SOURCE", "TAG_SOURCE_SHA256", "TAG_VARIANT", "VariantToPublish",
-           "check_alias", "check_name", "ci_tags", "description", "finish", "idempotency_key", "input_example",
-           "is_mlflow_uri", "log_benchmark", "materialize", "metric_values", "model_digest", "model_id_of_version", "onnx_in_model_dir",
-           "params_of", "promote", "publish", "record", "request_from_report", "resolve_local", "retry_policy",
-           "source_digest", "source_tags", "tracking_uri", "variant_metrics"]
+__all__ = ["DEFAULT_ALIASES", "DEFAULT_EXPERIMENT", "LoggedBenchmark", "MLFLOW_SCHEMES", "Promotion", "Publication",
+           "PublishRequest", "Registration", "Registry", "Resolved", "Store", "TAG_GATES", "TAG_KEY",
+           "TAG_MLSTEP_RUN", "TAG_OPTIONS_HASH", "TAG_SHA256", "TAG_SOURCE", "TAG_SOURCE_SHA256", "TAG_VARIANT",
+           "VariantToPublish", "check_alias", "check_name", "ci_tags", "description", "finish", "idempotency_key",
+           "input_example", "is_mlflow_uri", "log_benchmark", "materialize", "metric_values", "model_digest",
+           "model_id_of_version", "onnx_in_model_dir", "params_of", "promote", "publish", "record",
+           "request_from_report", "resolve_local", "retry_policy", "source_digest", "source_tags", "tracking_uri",
+           "variant_metrics"]

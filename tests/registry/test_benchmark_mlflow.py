@@ -31,8 +31,8 @@ def test_an_mlflow_source_is_logged_with_the_source_as_the_runs_input(mlflow_ser
     client = MlflowClient(mlflow_server, mlflow_server)
     version, run_id = register_source(mlflow_server, exported(ExportSpec("bert")), "bench-bert", alias="candidate")
     source_model = client.get_model_version("bench-bert", version).source.split("/", 1)[1]
-    proc = mlstep("benchmark", "models:/bench-bert@candidate", *QUICK, tracking=mlflow_server,
-                  env={"GITHUB_REPOSITORY": "acme/models", "GITHUB_RUN_ID": "9", "GITHUB_SERVER_URL": "https://github.com"})
+    actions = {"GITHUB_REPOSITORY": "acme/models", "GITHUB_RUN_ID": "9", "GITHUB_SERVER_URL": "https://github.com"}
+    proc = mlstep("benchmark", "models:/bench-bert@candidate", *QUICK, tracking=mlflow_server, env=actions)
     run = logged_run(proc, client)
     assert run.data.tags["mlstep.source"] == f"models:/bench-bert/{version}"
     assert run.data.tags["mlflow.source.name"] == "https://github.com/acme/models/actions/runs/9"

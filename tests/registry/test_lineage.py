@@ -19,8 +19,8 @@ from mlstep import registry  # noqa: E402
 from registry_helpers import OPTIONS_HASH, tiny_model  # noqa: E402
 from registry_helpers import client, files  # noqa: E402,F401  (fixtures)
 
-GITHUB = {"GITHUB_ACTIONS": "true", "GITHUB_SERVER_URL": "https://github.example.com", "GITHUB_REPOSITORY": "acme/models",
-          "GITHUB_RUN_ID": "777", "GITHUB_SHA": "c0ffee" * 6}
+GITHUB = {"GITHUB_ACTIONS": "true", "GITHUB_SERVER_URL": "https://github.example.com",
+          "GITHUB_REPOSITORY": "acme/models", "GITHUB_RUN_ID": "777", "GITHUB_SHA": "c0ffee" * 6}
 RUN_URL = "https://github.example.com/acme/models/actions/runs/777"
 FIGURES = {"fp32": {"parity.max_abs_diff": 1.5e-6, "latency_ms.median": 2.0, "speedup": 1.3, "fusions.Attention": 2.0},
            "fp16": {"parity.max_abs_diff": 4.0e-3, "latency_ms.median": 1.0, "speedup": 2.6, "fusions.Attention": 2.0}}
@@ -117,8 +117,8 @@ def test_report_is_the_run_description_and_the_actions_run_is_the_source(lineage
     for variant in FIGURES:
         version = client.get_model_version(name, pub.registrations[variant].version)
         logged = client.get_logged_model(registry.model_id_of_version(version))
-        assert {k: logged.tags.get(k) for k in ("mlflow.source.type", "mlflow.source.name", "mlflow.source.git.commit")} \
-            == {k: run.data.tags[k] for k in ("mlflow.source.type", "mlflow.source.name", "mlflow.source.git.commit")}
+        keys = ("mlflow.source.type", "mlflow.source.name", "mlflow.source.git.commit")
+        assert {k: logged.tags.get(k) for k in keys} == {k: run.data.tags[k] for k in keys}
 
 
 def test_logged_model_and_run_sources_resolve_to_the_source_model_id(mlflow_server, client, files, tmp_path):
