@@ -3,9 +3,11 @@
 It is rendered by ONE function, :func:`render`, from the run's facts (:class:`RunFacts`: what was
 measured) and the gates' verdicts (:mod:`mlstep.gates`: what was decided), once; nothing edits the dict or
 the files afterwards. report.json has the contract's shape (DESIGN.md, "Contracts") plus
-``optimizer_seconds``, ``coverage``, ``notes`` and ``mlflow`` (null unless the step talked to MLflow)::
+``optimizer_seconds``, ``coverage``, ``notes``, ``runtime`` and ``mlflow`` (null unless the step talked to
+MLflow)::
 
     {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
+     "runtime": {"providers": [...], "use_gpu", "gpu_fallback": "--use-gpu: ran on the CPU because ..." | null},
      "coverage": {"state", "reason", "blocks": {kind: {"detected", "fused", "misses"}}},
      "notes": [...],
      "variants": {"fp32": {"path", "fusions": {op: count},
@@ -28,7 +30,8 @@ the files afterwards. report.json has the contract's shape (DESIGN.md, "Contract
   "version", "alias", "run_id", "model_id"} (the resolution, e.g. ``models:/m@candidate`` ->
   ``models:/m/3``), "experiment_id", "run_id", "run_status", "key", "registered_model", "registrations":
   {variant: {"status": "registered" | "existing" | "skipped" | "failed", "uri", "alias", "sha256"}},
-  "removed_duplicates", "error"}`` (``mlstep.registry.record``: ``mlstep promote`` reads ``registrations``
+  "removed_duplicates", "ended_stale_runs", "error"}`` (``mlstep.registry.record``: ``mlstep promote`` reads
+  ``registrations``
   and ``variants.*.gate.passed`` back from the run's copy of this file as its evidence).
 - Credentials never appear: ``user:password@`` in any URI is replaced by ``***@``, and the values of the
   secret-bearing environment variables (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...) are
@@ -76,6 +79,7 @@ class RunFacts:
     coverage: Mapping[str, Any] = field(default_factory=dict)    # kind -> optimizer.coverage.BlockCoverage
     notes: Sequence[str] = ()
     mlflow: Mapping[str, Any] | None = None
+    runtime: Mapping[str, Any] | None = None    # {"providers", "use_gpu", "gpu_fallback": one line | None}
 
 
 def build(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any) -> dict:
@@ -88,6 +92,7 @@ def build(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any) -
         "options": dict(facts.options),
         "optimizer_seconds": round(float(facts.optimizer_seconds), 4),
         "mlflow": dict(facts.mlflow) if facts.mlflow is not None else None,
+        "runtime": dict(facts.runtime) if facts.runtime is not None else None,
         "coverage": {"state": coverage_verdict.state, "reason": coverage_verdict.reason,
                      "blocks": {kind: {"detected": c.detected, "fused": c.fused, "misses": list(c.misses)}
                                 for kind, c in facts.coverage.items()}},
@@ -196,6 +201,7 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
         f"- source: `{scrub(str(report['source']))}`" + _resolution(report),
         f"- model: {report['model_type']}, {report['num_heads']} heads, hidden size {report['hidden_size']}",
         f"- optimizer: {report['optimizer_seconds']:.2f} s",
+        *_runtime_lines(report),
         f"- result: {verdict}",
         "",
         "## Summary",
@@ -242,6 +248,22 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runtime_line(report: Mapping) -> str | None:
+    """Where parity and latency ran, with a ``--use-gpu`` fallback to the CPU and its cause (one line)."""
+    facts = report.get("runtime")
+    if not facts:
+        return None
+    where = ", ".join(facts.get("providers") or []) or "-"
+    return f"{where}: {facts['gpu_fallback']}" if facts.get("gpu_fallback") else where
+
+
+def _runtime_lines(report: Mapping) -> list[str]:
+    line = runtime_line(report)
+    if line is None:
+        return []
+    return [f"- runtime: **{line}**" if report["runtime"].get("gpu_fallback") else f"- runtime: {line}"]
+
+
 def _resolution(report: Mapping) -> str:
     src = (report.get("mlflow") or {}).get("source") or {}
     uri = src.get("uri")
@@ -254,7 +276,8 @@ def _mlflow_section(report: Mapping) -> list[str]:
         return []
     lines = ["", "## MLflow", "", f"- tracking: `{scrub(str(record.get('tracking_uri')))}`"]
     if record.get("run_id"):
-        lines.append(f"- run: `{record['run_id']}` (experiment {record.get('experiment_id')})")
+        status = f", {record['run_status']}" if record.get("run_status") else ""
+        lines.append(f"- run: `{record['run_id']}` (experiment {record.get('experiment_id')}{status})")
     if record.get("registered_model"):
         lines.append(f"- registered model: `{record['registered_model']}`")
         rows = [[n, r.get("status", "-"), f"`{r['uri']}`" if r.get("uri") else "-",
@@ -264,6 +287,12 @@ def _mlflow_section(report: Mapping) -> list[str]:
             lines += [""] + _md_table(["variant", "registration", "version", "alias"], rows)
     else:
         lines.append("- registration: off (local source without --register-as, or --no-register)")
+    if record.get("removed_duplicates"):
+        lines.append("- removed duplicate versions (made by retried or concurrent registrations): "
+                     + ", ".join(f"`{uri}`" for uri in record["removed_duplicates"]))
+    if record.get("ended_stale_runs"):
+        lines.append("- ended runs that a dead mlstep step left RUNNING: "
+                     + ", ".join(f"`{run}`" for run in record["ended_stale_runs"]))
     if record.get("error"):
         lines.append(f"- **registry error**: {scrub(str(record['error']))}")
     return lines

@@ -5,7 +5,9 @@ each written variant) goes through here, so "which providers", "which optimizati
 load failure reported" have one answer:
 
 - :func:`providers` -- ``[CUDA, CPU]`` when asked for and CUDA really loads in a session (probed once),
-  else ``[CPU]``; :func:`require_cuda` raises ``BadInputError`` (exit 2) when CUDA does not load.
+  else ``[CPU]``; :func:`require_cuda` raises ``BadInputError`` (exit 2) when CUDA does not load, and
+  :func:`gpu_fallback` states a ``--use-gpu`` that ran on the CPU; both give the dynamic loader's own
+  reason in one line (a missing ``libcudnn``/``libcublas``), not ONNX Runtime's multi-line log.
 - :func:`session` -- an ``InferenceSession`` at a given optimization level and thread count; a model that
   ONNX Runtime refuses is one ``BadInputError`` line with ORT's own first line as the reason.
 - :func:`adapt_feeds` -- the feeds a session declares, each cast to its declared element type (int64 ids
@@ -46,12 +48,31 @@ def providers(use_gpu: bool) -> list[str]:
     return [CUDA, CPU] if use_gpu and cuda_loads() else [CPU]
 
 
-@lru_cache(maxsize=1)
 def cuda_loads() -> bool:
+    return cuda_status()[0]
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why CUDAExecutionProvider does not load here, in one line (the loader's own words); None when it loads."""
+    return cuda_status()[1]
+
+
+def gpu_fallback(use_gpu: bool) -> str | None:
+    """One line when ``--use-gpu`` was asked for and the step runs on the CPU instead; else None."""
+    reason = cuda_unavailable_reason() if use_gpu else None
+    return f"--use-gpu: ran on the CPU because {CUDA} did not load ({reason})" if reason else None
+
+
+@lru_cache(maxsize=1)
+def cuda_status() -> tuple[bool, str | None]:
+    """(loads, why not): a session on [CUDA, CPU] must really get CUDA; the reason is the dynamic loader's
+    message for the provider library (e.g. ``libcudnn.so.9: cannot open shared object file``), not ONNX
+    Runtime's multi-line log."""
     import onnxruntime as ort
 
+    version = ort.__version__
     if CUDA not in ort.get_available_providers():
-        return False
+        return False, (f"onnxruntime {version} is a build without CUDA; install onnxruntime-gpu")
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
@@ -65,20 +86,41 @@ def cuda_loads() -> bool:
     ort.set_default_logger_severity(4)
     try:
         probe = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
-    except Exception:  # a broken CUDA install raises instead of falling back
-        return False
+    except Exception as err:  # a broken CUDA install raises instead of falling back
+        return False, _loader_error() or first_line(err)
     finally:
         ort.set_default_logger_severity(2)
-    return CUDA in probe.get_providers()
+    if CUDA in probe.get_providers():
+        return True, None
+    return False, _loader_error() or (f"its libraries load but no session got it: no usable GPU or driver "
+                                      f"(onnxruntime-gpu {version})")
+
+
+def _loader_error() -> str | None:
+    """The dynamic loader's error for ORT's CUDA provider library (a missing CUDA/cuDNN library), or None."""
+    import ctypes
+
+    import onnxruntime as ort
+
+    capi = Path(ort.__file__).parent / "capi"
+    found = sorted(capi.glob("libonnxruntime_providers_cuda.*")) + sorted(capi.glob("onnxruntime_providers_cuda.dll"))
+    if not found:
+        return None
+    try:
+        shared = next(iter(sorted(capi.glob("libonnxruntime_providers_shared.*"))), None)
+        if shared is not None:
+            ctypes.CDLL(str(shared), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+        ctypes.CDLL(str(found[0]))
+    except OSError as err:
+        return f"{' '.join(str(err).split()).replace(f'{capi}/', '')}; onnxruntime-gpu {ort.__version__}"
+    return None
 
 
 def require_cuda() -> None:
     """Raise ``BadInputError`` (exit 2) unless CUDAExecutionProvider loads in a session here."""
-    import onnxruntime as ort
-
-    if not cuda_loads():
-        raise BadInputError(f"--require-gpu: {CUDA} did not load (onnxruntime {ort.__version__}, available: "
-                            f"{', '.join(ort.get_available_providers())}); refusing to measure on the CPU")
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise BadInputError(f"--require-gpu: {CUDA} did not load ({reason}); refusing to measure on the CPU")
 
 
 def session(path: str | os.PathLike, providers_: Sequence[str] | None = None, level: str = ENABLE_ALL,

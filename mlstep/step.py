@@ -253,6 +253,8 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
         model_type=optimized.detected.model_type, num_heads=optimized.detected.num_heads,
         hidden_size=optimized.detected.hidden_size, options=_options_dict(options, settings),
         optimizer_seconds=optimized.seconds, coverage=dict(optimized.coverage), notes=notes,
+        runtime={"providers": list(providers), "use_gpu": options.use_gpu,
+                 "gpu_fallback": runtime.gpu_fallback(options.use_gpu)},
         variants={name: report.VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
                                             parity=parity.get(name),
                                             latency=latency.variants.get(name) if latency else None,
@@ -319,7 +321,7 @@ def _resolve(source, output_dir: Path, settings: StepSettings, publish: PublishS
     store = None
     if from_mlflow or wants_registration:
         outdir.check_store_outside(output_dir, registry.tracking_uri())
-        store = registry.Store()
+        store = registry.Store(reading=os.fspath(source) if from_mlflow else None)
         if not from_mlflow:
             store.ping()                 # a dead server fails now, not after the optimizer's minutes
     resolved = stack.enter_context(registry.materialize(source, store, identify_local=wants_registration))

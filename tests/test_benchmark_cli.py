@@ -101,16 +101,10 @@ def test_cli_prints_the_table_and_writes_files(exported, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["-s", "4,x"], "--sequence-length"),
     (["-p", "int8"], "unknown precision"),
-    (["--log-to-mlflow"], "mlstep.registry"),
     (["--torch", "/nonexistent/folder"], "--torch"),
 ])
 def test_cli_bad_usage_is_one_line(exported, tmp_path, args, needle):
     source = exported(ExportSpec("bert"))
-    if args == ["--log-to-mlflow"]:
-        from mlstep import registry
-
-        if hasattr(registry, "log_benchmark"):
-            pytest.skip("mlstep.registry.log_benchmark exists: logging is tested with the registry")
     proc = mlstep("benchmark", source, "-s", "4", "--repeat", "1", *args)
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert len(proc.stderr.splitlines()) == 1 and needle in proc.stderr, proc.stderr

@@ -27,22 +27,23 @@ PastOpt = Annotated[Optional[list[str]], typer.Option(
     help="For a model with past inputs (GPT-2 with past): past lengths, the columns, each timed with one new "
          "token. Default: the --sequence-length values.")]
 PrecisionOpt = Annotated[Optional[list[str]], typer.Option(
-    "--precision", "-p", show_default=False, metavar="fp32|fp16",
+    "--precision", "-p", show_default=False, metavar="fp32,fp16",
     help="mlstep variants to time (repeat or comma list). Default: fp32,fp16.")]
 TorchOpt = Annotated[Optional[str], typer.Option(
     "--torch", metavar="MODEL", show_default=False,
     help="Also time PyTorch eager: a transformers folder (its weights, or random ones when it has none) or "
          "a config JSON file (random weights).")]
-WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, help="Untimed calls per cell.")]
-RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, help="Timed calls per cell.")]
+WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, metavar="N", help="Untimed calls per cell.")]
+RepeatOpt = Annotated[int, typer.Option("--repeat", min=1, metavar="N", help="Timed calls per cell.")]
 ThreadsOpt = Annotated[int, typer.Option(
-    "--threads", min=0, help="Intra-op threads for ONNX Runtime and torch; 0 keeps their defaults.")]
+    "--threads", min=0, metavar="N", help="Intra-op threads for ONNX Runtime and torch; 0 keeps their defaults.")]
 UseGpuOpt = Annotated[bool, typer.Option("--use-gpu", help="Time on CUDA when it loads (IO binding).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", metavar="DIR", show_default=False,
     help="Write benchmark.md, benchmark.csv, benchmark.json and latency.png into DIR.")]
 LogOpt = Annotated[bool, typer.Option(
-    "--log-to-mlflow", help="Log the figures and files to MLflow (always done for an MLflow URI source).")]
+    "--log-to-mlflow",
+    help="Log the figures and files as a run in MLflow (MLFLOW_TRACKING_URI; always done for an MLflow source).")]
 
 
 def benchmark(
@@ -59,9 +60,11 @@ def benchmark(
     output: OutputOpt = None,
     log_to_mlflow: LogOpt = False,
 ) -> None:
-    """Latency of SOURCE over batch x sequence: onnxruntime on the source (baseline) and on the mlstep fp32/fp16 variants, optionally PyTorch eager; the seed's table (rows engine / precision / batch, columns s=...).
+    """Latency of SOURCE over batch sizes x sequence lengths: ONNX Runtime on the source and on its mlstep fp32/fp16 variants, optionally PyTorch; a table with one row per engine, precision and batch size and one column per sequence length.
 
-    Exit code 0 on success, 2 for bad input or usage.
+    For an MLflow source (or with --log-to-mlflow) the figures and files are logged as an MLflow run.
+
+    Exit code 0 on success, 2 for bad input or usage, or an MLflow store that refused or did not answer.
     """  # noqa: E501 (typer keeps line breaks: one paragraph per line)
     from mlstep.bench.grid import GridSettings, log_to_mlflow as log_grid, mlflow_logger, run_grid
     from mlstep.step import MLFLOW_SCHEMES
@@ -75,30 +78,27 @@ def benchmark(
     log = log_to_mlflow or source.startswith(MLFLOW_SCHEMES)
     if log:
         mlflow_logger()                     # fail before timing anything when logging is unavailable
-    with _resolved(source) as (model_path, source_uri):
+    with _resolved(source, identify=log) as resolved:
         with _progress() as progress:
-            result = run_grid(model_path, settings, progress=progress)
+            result = run_grid(resolved.local_path, settings, progress=progress)
     if output is not None:
         result.write(output)
     _print_table(result)
     if log:
-        log_grid(result, source_uri)
+        logged = log_grid(result, resolved)
+        print(f"mlflow: {logged}", flush=True)
 
 
 @contextlib.contextmanager
-def _resolved(source: str):
-    """(local .onnx path, the source as recorded): through mlstep.registry when it is there (MLflow URIs)."""
-    try:
-        from mlstep.registry import materialize
-    except ImportError:
-        materialize = None
-    if materialize is None:
-        from mlstep.step import resolve_source
+def _resolved(source: str, identify: bool):
+    """The source resolved by mlstep.registry (MLflow URIs downloaded; a local file hashed when logged, and the
+    store asked first: a dead one fails before the timing, not after)."""
+    from mlstep.registry import Store, is_mlflow_uri, materialize
 
-        yield resolve_source(source), source
-        return
-    with materialize(source) as resolved:
-        yield resolved.local_path, resolved.uri
+    if identify and not is_mlflow_uri(source):
+        Store().ping()
+    with materialize(source, identify_local=identify) as resolved:
+        yield resolved
 
 
 def _ints(values: list[str] | None, flag: str) -> tuple[int, ...]:
@@ -112,7 +112,9 @@ def _ints(values: list[str] | None, flag: str) -> tuple[int, ...]:
 
 
 def _words(values: list[str] | None) -> tuple[str, ...]:
-    return tuple(w.strip() for v in values or () for w in v.split(",") if w.strip())
+    from mlstep.cli import comma_list
+
+    return comma_list(values)
 
 
 class _progress:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Annotated
 
 import typer
+import typer.core
 
 from mlstep import __version__
 from mlstep.cli import benchmark as benchmark_cmd
@@ -85,10 +86,57 @@ def version() -> None:
     typer.echo(f"mlstep {__version__}")
 
 
+class _Option(typer.core.TyperOption):
+    """Help for people: a flag shows no type, a value shows its metavar (``N``, ``DIR``) or its choices."""
+
+    def display_type_rich(self, ctx):
+        if self.is_flag:
+            return None
+        shown = super().display_type_rich(ctx)
+        return shown[1:-1] if shown and shown.startswith("<") and shown.endswith(">") else shown
+
+    def _get_number_range_help_str(self):
+        return None                     # the help text states the bounds in words
+
+
+class _Argument(typer.core.TyperArgument):
+    """``SOURCE`` in the usage line (``[SOURCE]`` when optional), as every other tool writes it."""
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    def display_type_rich(self, ctx):
+        return None
+
+
+def _for_people(command) -> None:
+    """Give every parameter of ``command`` (and of its subcommands) the help display above."""
+    for param in command.params:
+        _adopt(param)
+    made = command.get_help_option             # --help is made lazily, per context
+
+    def help_option(ctx, made=made):
+        return _adopt(made(ctx))
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _for_people(sub)
+
+
+def _adopt(param):
+    if type(param) is typer.core.TyperOption:
+        param.__class__ = _Option
+    elif type(param) is typer.core.TyperArgument:
+        param.__class__ = _Argument
+    return param
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     command = typer.main.get_command(app)
+    _for_people(command)
     try:
         rv = command.main(args=list(argv) if argv is not None else None, prog_name="mlstep",
                           standalone_mode=False)

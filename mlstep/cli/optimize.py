@@ -1,8 +1,10 @@
 """``mlstep optimize``: wires flags to ``OptimizeOptions`` + ``StepSettings`` and calls ``mlstep.step.run``.
 
-Progress goes to stderr: a live display when stderr is a terminal; when it is not (CI logs, pipes) one
-plain line per started and per finished stage with ``--verbose`` and nothing otherwise, so a failed run in a script
-prints exactly one line (the error). The summary (per-variant fusions, parity, latency) goes to stdout.
+Progress goes to stderr: a live display when stderr is a terminal; when it is not, one line per started and
+per finished stage under CI (``CI`` set; ``::group::``/``::endgroup::`` under ``GITHUB_ACTIONS=true``) or
+with ``--verbose``, and nothing otherwise, so a failed run in a script prints exactly one line (the error).
+The summary (per-variant fusions, parity, latency, a GPU fallback) goes to stdout; ``--verbose``'s fusion
+log goes to stderr.
 """
 from __future__ import annotations
 
@@ -14,15 +16,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from mlstep.cli import comma_list
 from mlstep.optimizer.options import FUSIONS, MODEL_TYPES
 
 ModelType = Enum("ModelType", {name: name for name in MODEL_TYPES}, type=str)
 Fusion = Enum("Fusion", {name: name for name in FUSIONS}, type=str)
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
 
 
 OPT = "Optimizer options"
@@ -39,27 +37,28 @@ OutputOpt = Annotated[Path, typer.Option(
     help="Output folder: DIR/fp32/model.onnx, DIR/fp16/model.onnx, DIR/report.json, DIR/report.md. Written "
          "to a temporary folder beside it and moved into place at the end; an earlier mlstep output there is "
          "replaced, any other non-empty folder is refused.")]
-PrecisionOpt = Annotated[Optional[list[Precision]], typer.Option(
-    "--precision", "-p", case_sensitive=False, show_default=False, rich_help_panel=STEP,
-    help="Variant to produce; repeat for several. Default: fp32 and fp16.")]
+PrecisionOpt = Annotated[Optional[list[str]], typer.Option(
+    "--precision", "-p", metavar="fp32,fp16", show_default=False, rich_help_panel=STEP,
+    help="Variants to produce: fp32, fp16 or both (a comma list, or repeat the flag). Default: both.")]
 SkipValidationOpt = Annotated[bool, typer.Option(
     "--skip-validation", rich_help_panel=STEP,
     help="Do not check parity against the source (the parity gate is then 'skipped').")]
 SkipBenchmarkOpt = Annotated[bool, typer.Option(
     "--skip-benchmark", rich_help_panel=STEP, help="Do not measure latency.")]
 BatchOpt = Annotated[int, typer.Option(
-    "--batch-size", min=1, rich_help_panel=STEP,
+    "--batch-size", min=1, metavar="N", rich_help_panel=STEP,
     help="Batch of the synthesized inputs used for parity and latency (>= 2 for parity).")]
 SequenceOpt = Annotated[int, typer.Option(
-    "--sequence-length", min=1, rich_help_panel=STEP,
-    help="Sequence length of the synthesized inputs used for parity and latency.")]
+    "--sequence-length", min=1, metavar="N", rich_help_panel=STEP,
+    help="Tokens per row of the synthesized inputs used for parity and latency (>= 1).")]
 GATE = "Latency gate options"
 MaxSlowdownOpt = Annotated[float, typer.Option(
-    "--max-slowdown", min=0.0, rich_help_panel=GATE,
-    help="A variant fails the latency gate when its median exceeds the source's median x (1 + this).")]
+    "--max-slowdown", min=0.0, metavar="FRACTION", rich_help_panel=GATE,
+    help="A variant fails the latency gate when it is slower than the source by more than this fraction "
+         "(0.05: 5%).")]
 MinSpeedupOpt = Annotated[Optional[float], typer.Option(
-    "--min-speedup", min=0.0, show_default=False, rich_help_panel=GATE,
-    help="Also fail a variant whose speedup (source median / variant median) is below this.")]
+    "--min-speedup", min=0.0, metavar="X", show_default=False, rich_help_panel=GATE,
+    help="Also fail a variant that is not at least X times faster than the source (e.g. 1.2).")]
 GateFp16CpuOpt = Annotated[bool, typer.Option(
     "--gate-fp16-on-cpu", rich_help_panel=GATE,
     help="Also gate the fp16 variant's latency when it runs on the CPU (by default it is timed and reported "
@@ -70,34 +69,38 @@ AllowPartialOpt = Annotated[bool, typer.Option(
          "reported, with the reason, and warned about). A graph with no transformer block fails regardless.")]
 RequireGpuOpt = Annotated[bool, typer.Option(
     "--require-gpu", rich_help_panel=GATE,
-    help="Exit 2 unless CUDAExecutionProvider loads (validate and measure on CUDA, never quietly on the CPU).")]
+    help="Stop with exit code 2 unless ONNX Runtime can use the GPU (CUDA); the message says what is missing. "
+         "Without it, --use-gpu falls back to the CPU and the report says so.")]
 WarmupOpt = Annotated[int, typer.Option(
-    "--warmup", min=0, rich_help_panel=GATE, help="Untimed rounds per model before timing.")]
+    "--warmup", min=0, metavar="N", rich_help_panel=GATE, help="Untimed rounds per model before timing.")]
 RepeatOpt = Annotated[int, typer.Option(
-    "--repeat", min=1, rich_help_panel=GATE,
-    help="Timed rounds per model (each round averages several calls; rounds of the source and the variants "
-         "are interleaved).")]
+    "--repeat", min=1, metavar="N", rich_help_panel=GATE,
+    help="Timed rounds per model (each round averages several calls; the source and the variants take turns).")]
 ModelTypeOpt = Annotated[ModelType, typer.Option(
     "--model-type", case_sensitive=False, rich_help_panel=OPT,
-    help="Model family; 'auto' detects it from the graph.")]
+    help="Model family (bert covers BERT, DistilBERT, RoBERTa and ALBERT; gpt2 covers GPT-2 and DistilGPT2); "
+         "auto detects it from the graph.")]
 NumHeadsOpt = Annotated[int, typer.Option(
-    "--num-heads", rich_help_panel=OPT,
+    "--num-heads", metavar="N", rich_help_panel=OPT,
     help="Attention heads; 0 detects from the graph. A value that contradicts the graph is an error.")]
 HiddenSizeOpt = Annotated[int, typer.Option(
-    "--hidden-size", rich_help_panel=OPT,
+    "--hidden-size", metavar="N", rich_help_panel=OPT,
     help="Hidden size; 0 detects from the graph. Must be divisible by --num-heads.")]
 InputInt32Opt = Annotated[bool, typer.Option(
-    "--input-int32", rich_help_panel=OPT, help="Make int64 graph inputs int32 (no extra Cast left behind).")]
+    "--input-int32", rich_help_panel=OPT,
+    help="Take token ids and masks as int32 instead of int64 (what ONNX Runtime's fused operators use).")]
 UseGpuOpt = Annotated[bool, typer.Option(
     "--use-gpu", rich_help_panel=OPT,
-    help="Validate and measure on CUDA when it loads (falls back to CPU); GPU-friendly fusion choices.")]
+    help="Check parity and measure latency on the GPU (CUDA) and fuse for the GPU. When ONNX Runtime cannot "
+         "use the GPU the step runs on the CPU, and the report and summary say why.")]
 OptLevelOpt = Annotated[int, typer.Option(
-    "--opt-level", rich_help_panel=OPT,
-    help="ONNX Runtime graph-optimizer pre-pass level: 0 (none), 1, 2 or 99; fusing continues on its output.")]
+    "--opt-level", metavar="0|1|2|99", rich_help_panel=OPT,
+    help="Let ONNX Runtime's own graph optimizer run first at this level (0: not at all); mlstep fuses its "
+         "output.")]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", rich_help_panel=OPT,
-    help="Per fusion: what fused, what was refused and why (also in report.md); plain progress when "
-         "stderr is not a terminal.")]
+    help="On stderr: per fusion, what fused and what was refused and why (also in report.md), and one line "
+         "per stage when stderr is not a terminal.")]
 RegisterAsOpt = Annotated[Optional[str], typer.Option(
     "--register-as", metavar="NAME", show_default=False, rich_help_panel=REG,
     help="Register the gate-passed variants as new versions of the registered model NAME (default for an "
@@ -164,7 +167,7 @@ def optimize(
         use_gpu=use_gpu, opt_level=opt_level, verbose=verbose,
         disabled_fusions=frozenset(f.value for f in disable_fusion or ()))
     settings = step.StepSettings(
-        precisions=tuple(p.value for p in precision) if precision else step.PRECISIONS,
+        precisions=comma_list(precision) or step.PRECISIONS,
         validate=not skip_validation, benchmark=not skip_benchmark,
         batch_size=batch_size, sequence_length=sequence_length, warmup=warmup, repeat=repeat,
         max_slowdown=max_slowdown, min_speedup=min_speedup, require_gpu=require_gpu,
@@ -203,13 +206,35 @@ class _RichProgress:
 
 
 class _PlainProgress:
-    """``--verbose`` without a terminal (CI logs): a line when a stage starts and one when it ends."""
+    """No terminal (CI logs, pipes): a line on stderr when a stage starts and one when it ends."""
 
     def start(self, stage: str, detail: str = "") -> None:
-        print(f"mlstep: {stage} ...", file=sys.stderr, flush=True)
+        _err(f"mlstep: {stage} ..." + (f" {detail}" if detail else ""))
 
     def done(self, stage: str, seconds: float, detail: str = "") -> None:
-        print(f"mlstep: {stage}: {detail + ' ' if detail else ''}({seconds:.2f}s)", file=sys.stderr, flush=True)
+        _err(f"mlstep: {stage}: {detail + ' ' if detail else ''}({seconds:.2f}s)")
+
+
+class _GitHubProgress(_PlainProgress):
+    """Under GitHub Actions: each stage a collapsible group of the job's log (``::group::`` ... ``::endgroup::``)."""
+
+    def start(self, stage: str, detail: str = "") -> None:
+        _err(f"::group::mlstep {stage}" + (f" {_workflow_text(detail)}" if detail else ""))
+
+    def done(self, stage: str, seconds: float, detail: str = "") -> None:
+        _err(f"mlstep: {stage}: {_workflow_text(detail) + ' ' if detail else ''}({seconds:.2f}s)\n::endgroup::")
+
+
+def listener_for(verbose: bool, terminal: bool, env=os.environ):
+    """The progress display: live on a terminal; without one, stage lines under CI (``CI`` set; groups under
+    ``GITHUB_ACTIONS=true``) or with ``--verbose``; otherwise none (a failed script run prints one line)."""
+    if terminal:
+        return None
+    if env.get("GITHUB_ACTIONS", "").lower() == "true":
+        return _GitHubProgress()
+    if verbose or env.get("CI", "").lower() not in ("", "0", "false"):
+        return _PlainProgress()
+    return None
 
 
 class _progress:
@@ -217,7 +242,7 @@ class _progress:
         from rich.console import Console
 
         console = Console(stderr=True)
-        self.listener = _RichProgress(console) if console.is_terminal else (_PlainProgress() if verbose else None)
+        self.listener = _RichProgress(console) if console.is_terminal else listener_for(verbose, False)
 
     def __enter__(self):
         return self.listener
@@ -227,12 +252,22 @@ class _progress:
             self.listener.stop()
 
 
+def _err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _workflow_text(text: str) -> str:
+    """A workflow command's text on one line (GitHub reads ``%``, CR and LF as escapes)."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
 def _print_summary(result, verbose: bool) -> None:
+    """The summary on stdout; ``--verbose``'s fusion log on stderr (stdout stays the summary alone)."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    from mlstep.report import fusion_table, summary_table
+    from mlstep.report import fusion_table, runtime_line, summary_table
 
     # Not a terminal (CI logs, pipes): wide enough that the table's columns (URIs included) are not cut.
     wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
@@ -240,9 +275,9 @@ def _print_summary(result, verbose: bool) -> None:
     report = result.report
     if verbose:
         for entry in result.fusion_log:
-            console.print(f"{entry.name}: fused {entry.fused}", markup=False)
+            _err(f"{entry.name}: fused {entry.fused}")
             for reason in entry.refused:
-                console.print(f"  refused: {reason}", markup=False)
+                _err(f"  refused: {reason}")
     if result.no_fusions:
         console.print("no fusions applied (run with --verbose for the reasons)" if not verbose
                       else "no fusions applied", markup=False)
@@ -250,14 +285,19 @@ def _print_summary(result, verbose: bool) -> None:
         console.print(_table(Table(title="fused ops", box=box.SIMPLE_HEAD), *fusion_table(report)))
     console.print(_table(Table(title=f"mlstep optimize -> {result.output_dir}", box=box.SIMPLE_HEAD),
                          *summary_table(report)))
+    if (report.get("runtime") or {}).get("gpu_fallback"):
+        console.print(f"runtime: {runtime_line(report)}", markup=False, soft_wrap=True)
     record = report.get("mlflow")
     if record:
         source = record["source"]
         if source.get("uri") and source["uri"] != source.get("requested"):
-            console.print(f"source: {source['requested']} -> {source['uri']}", markup=False)
+            console.print(f"source: {source['requested']} -> {source['uri']}", markup=False, soft_wrap=True)
         if record.get("run_id"):
-            console.print(f"mlflow: run {record['run_id']} (experiment {record['experiment_id']}) at "
-                          f"{record['tracking_uri']}", markup=False)
+            status = f", {record['run_status']}" if record.get("run_status") else ""
+            console.print(f"mlflow: run {record['run_id']} (experiment {record['experiment_id']}{status}) at "
+                          f"{record['tracking_uri']}", markup=False, soft_wrap=True)
+        for uri in record.get("removed_duplicates") or []:
+            console.print(f"mlflow: removed duplicate version {uri}", markup=False, soft_wrap=True)
 
 
 def _table(table, header, rows):

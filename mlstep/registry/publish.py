@@ -20,8 +20,9 @@ variant:
 So lost replies, client retries and N concurrent steps converge on exactly one version per (key, variant),
 and re-runs register nothing. Store failures are never raised from :func:`publish`: the run is ended
 FAILED, LoggedModels this run left PENDING are marked FAILED (when the store still answers), and
-``Publication.error`` says what failed. A later run on this host reaps runs of the same key that a dead
-mlstep process left RUNNING.
+``Publication.error`` says what failed. A later run of the same key ends the runs a dead mlstep process left
+RUNNING: on this host when the process is gone (FAILED), on another host when the run is older than
+``MLSTEP_STALE_RUN_HOURS`` (KILLED); see :func:`_reap`.
 """
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ TAG_KEY = "mlstep.key"
 TAG_SHA256 = "mlstep.sha256"               # the registered model's own files (see model_digest)
 TAG_GATES = "mlstep.gates"
 TAG_HOST, TAG_PID = "mlstep.host", "mlstep.pid"
+TAG_ENDED_BY = "mlstep.ended_by"           # on a stale run another step ended
+ENV_STALE_HOURS = "MLSTEP_STALE_RUN_HOURS"
+TAG_NOTE = "mlflow.note.content"          # the run's description in MLflow's UI: report.md
+NOTE_LIMIT = 8000                          # MLflow's limit for a tag value
+TAG_OPTIMIZED = "mlstep.optimized"         # on a source: mlstep.optimized.<variant> = models:/NAME/VERSION
 METADATA_FILES = frozenset({"MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "registered_model_meta",
                             "input_example.json", "serving_input_example.json"})
 
@@ -76,6 +82,7 @@ class VariantToPublish:
     path: Path                      # the variant's .onnx file (external data beside it)
     passed: bool                    # every gate passed for this variant (only those are registered)
     description: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)    # plain keys, logged on its LoggedModel only
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class Publication:
     registrations: dict[str, Registration] = field(default_factory=dict)
     run_status: str | None = None   # FINISHED | FAILED | RUNNING (the store stopped answering before it ended)
     removed: list[str] = field(default_factory=list)         # duplicate versions removed (models:/N/V)
-    reaped: list[str] = field(default_factory=list)          # runs of dead steps ended FAILED
+    reaped: list[str] = field(default_factory=list)          # runs of dead steps ended (FAILED / KILLED)
     error: str | None = None
     _logged: list[str] = field(default_factory=list, repr=False)   # LoggedModels this run created
 
@@ -149,7 +156,7 @@ def record(store: Store, resolved: Resolved, register_as: str | None, pub: Publi
         "run_id": pub.run_id, "run_status": pub.run_status, "key": pub.key, "registered_model": register_as,
         "registrations": {v: {"status": r.status, "uri": r.uri, "alias": r.alias, "sha256": r.sha256}
                           for v, r in pub.registrations.items()},
-        "removed_duplicates": list(pub.removed), "error": pub.error})
+        "removed_duplicates": list(pub.removed), "ended_stale_runs": list(pub.reaped), "error": pub.error})
 
 
 # --------------------------------------------------------------------------------------------- publish
@@ -157,6 +164,7 @@ def record(store: Store, resolved: Resolved, register_as: str | None, pub: Publi
 def publish(store: Store, request: PublishRequest) -> Publication:
     """Log the run and register the gate-passed variants; see the module docstring. Never raises
     ``MlstepError`` for the store: ``Publication.error`` says what failed."""
+    stale_run_hours()                  # a malformed MLSTEP_STALE_RUN_HOURS fails before any request
     pub = Publication(key=request.key, registered_model=request.register_as)
     if request.register_as:
         pub.registrations = {v: Registration(v, "pending" if s.passed else "skipped",
@@ -164,18 +172,20 @@ def publish(store: Store, request: PublishRequest) -> Publication:
                              for v, s in request.variants.items()}
     try:
         pub.experiment_id = _experiment(store, request.experiment)
-        _reap(store, pub)
         run = store.call("start run", store.client.create_run, pub.experiment_id, run_name=_run_name(request),
                          tags=_run_tags(request, pub.key))
         pub.run_id, pub.run_status = run.info.run_id, "RUNNING"
         _end_duplicate_runs(store, pub)
+        _reap(store, pub)
         store.call("log params", store.client.log_batch, pub.run_id, params=_params(request.params),
                    metrics=_metrics(request.metrics))
+        _log_source_input(store, pub, request.resolved)
         if request.register_as:
             _ensure_registered_model(store, request.register_as)
             for variant, reg in pub.registrations.items():
                 if reg.status == "pending":
                     _register(store, pub, request, variant, reg)
+            _tag_source(store, request.resolved, pub)
     except MlstepError as err:
         pub.error = str(err)
         for reg in pub.registrations.values():
@@ -205,6 +215,9 @@ def finish(store: Store, pub: Publication, files: Sequence[Path], evidence: Mapp
             store.call(f"log {path.name}", store.client.log_artifact, pub.run_id, str(path), folder)
         if gates_passed is not None:
             store.call("log tags", store.client.set_tag, pub.run_id, TAG_GATES, "passed" if gates_passed else "failed")
+        note = next((p for p in files if p.suffix == ".md"), None)
+        if note is not None:
+            store.call("log the run description", store.client.set_tag, pub.run_id, TAG_NOTE, description(note))
         for run_id in _runs_without_report(store, pub):
             for path in files:
                 store.call(f"log {path.name}", store.client.log_artifact, run_id, str(path))
@@ -212,6 +225,15 @@ def finish(store: Store, pub: Publication, files: Sequence[Path], evidence: Mapp
         pub.error = pub.error or str(err)
         _end(store, pub, "FAILED")
     return pub
+
+
+def description(report_md: Path) -> str:
+    """report.md as the run's description (cut at MLflow's tag limit, pointing at the full artifact)."""
+    text = scrub(report_md.read_text(encoding="utf-8"))
+    if len(text) <= NOTE_LIMIT:
+        return text
+    tail = f"\n\n... (cut; the full report is the run's artifact {report_md.name})\n"
+    return text[: NOTE_LIMIT - len(tail)].rsplit("\n", 1)[0] + tail
 
 
 # ----------------------------------------------------------------------------------------- registering
@@ -226,7 +248,7 @@ def _register(store: Store, pub: Publication, request: PublishRequest, variant: 
         with tempfile.TemporaryDirectory(prefix="mlstep-flavor-") as tmp:
             folder = _save_flavor(request.variants[variant].path, Path(tmp) / variant)
             tags[TAG_SHA256] = model_digest(folder)
-            model_id = _log_model(store, pub, variant, folder, tags)
+            model_id = _log_model(store, pub, request, variant, folder, tags)
         failure = None
         try:
             store.call(f"register {variant} as {name}", client.create_model_version, name, f"models:/{model_id}",
@@ -275,26 +297,86 @@ def _may_remove(store: Store, pub: Publication, version) -> bool:
 
 
 def _save_flavor(path: Path, folder: Path) -> Path:
+    """The ONNX flavor of the variant, with its tensor signature and an input example (batch 2, sequence 8,
+    synthesized from the graph's inputs the way parity does)."""
     import mlflow.onnx
     import onnx
 
     model = onnx.load(str(path))           # external data included: the flavor writes its own copy
-    mlflow.onnx.save_model(model, str(folder), pip_requirements=_requirements(), signature=_signature(model))
+    mlflow.onnx.save_model(model, str(folder), pip_requirements=_requirements(), signature=_signature(model),
+                           input_example=input_example(path))
     return folder
 
 
-def _log_model(store: Store, pub: Publication, variant: str, folder: Path, tags: Mapping[str, str]) -> str:
-    """A LoggedModel of this run holding ``folder``: PENDING while it uploads, READY after."""
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+def input_example(path: Path) -> dict | None:
+    """Feeds for the model at ``path`` (its declared dtypes), from the graph's inputs; None when the inputs
+    cannot be synthesized (a model without an example is still a model)."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from mlstep.validate.inputs import synthesize_inputs
+
+    try:
+        model = ir.load(str(path))
+        cases = synthesize_inputs(model, batch=2, sequence=8)
+    except Exception:  # noqa: BLE001  (exotic inputs: no example)
+        return None
+    if not cases:
+        return None
+    declared = {v.name: v.dtype for v in model.graph.inputs}
+    feeds = {}
+    for name, value in cases[-1].feeds.items():
+        dtype = declared.get(name)
+        np_dtype = dtype.numpy() if dtype is not None else None
+        feeds[name] = np.asarray(value).astype(np_dtype) if np_dtype is not None else np.asarray(value)
+    return feeds
+
+
+def _log_model(store: Store, pub: Publication, request: PublishRequest, variant: str, folder: Path,
+               tags: Mapping[str, str]) -> str:
+    """A LoggedModel of this run holding ``folder``: PENDING while it uploads, READY after. It carries the
+    run's source tags and options, and only its own variant's figures as metrics (plain keys, logged at the
+    step of its model output, as MLflow links a run's metrics to the model logged at that step)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 
     client = store.client
+    step = list(request.variants).index(variant)
     logged = store.call(f"log {variant} model", client.create_logged_model, pub.experiment_id, name=variant,
-                        source_run_id=pub.run_id, tags=dict(tags))
+                        source_run_id=pub.run_id, tags={**tags, **source_tags()}, params=dict(_params_dict(request)),
+                        model_type="onnx")
     pub._logged.append(logged.model_id)
-    store.call(f"log {variant} model", client.log_outputs, pub.run_id, [LoggedModelOutput(logged.model_id, 0)])
+    store.call(f"log {variant} model", client.log_outputs, pub.run_id, [LoggedModelOutput(logged.model_id, step)])
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, step, model_id=logged.model_id)
+               for k, v in request.variants[variant].metrics.items()]
+    if metrics:
+        store.call(f"log {variant} metrics", client.log_batch, pub.run_id, metrics=metrics)
     store.call(f"log {variant} model", client.log_model_artifacts, logged.model_id, str(folder))
     store.call(f"log {variant} model", client.finalize_logged_model, logged.model_id, LoggedModelStatus.READY)
     return logged.model_id
+
+
+def _log_source_input(store: Store, pub: Publication, resolved: Resolved) -> None:
+    """The source as the run's input (MLflow 3 lineage): the LoggedModel the source is, when it is one."""
+    from mlflow.entities import LoggedModelInput
+
+    if resolved.model_id:
+        store.call("log the source as the run's input", store.client.log_inputs, pub.run_id,
+                   models=[LoggedModelInput(resolved.model_id)])
+
+
+def _tag_source(store: Store, resolved: Resolved, pub: Publication) -> None:
+    """Point the source at its variants: ``mlstep.optimized.<variant>`` = ``models:/NAME/VERSION`` on the source
+    version (and on the source LoggedModel)."""
+    tags = {f"{TAG_OPTIMIZED}.{r.variant}": r.uri for r in pub.registrations.values() if r.uri}
+    if not tags:
+        return
+    if resolved.kind == "model_version" and resolved.name and resolved.version:
+        for key, value in tags.items():
+            store.call(f"tag {resolved.uri}", store.client.set_model_version_tag, resolved.name, resolved.version,
+                       key, value)
+    if resolved.model_id:
+        store.call(f"tag models:/{resolved.model_id}", store.client.set_logged_model_tags, resolved.model_id, tags)
 
 
 def _ensure_registered_model(store: Store, name: str) -> None:
@@ -363,18 +445,49 @@ def _end_duplicate_runs(store: Store, pub: Publication) -> None:
 
 
 def _reap(store: Store, pub: Publication) -> None:
-    """End FAILED the runs of this key that an mlstep process on this host left RUNNING when it died."""
+    """End the runs of this key that a dead mlstep process left RUNNING.
+
+    - on this host, a process that no longer exists: FAILED;
+    - on another host (whose processes cannot be asked), a run started more than ``MLSTEP_STALE_RUN_HOURS``
+      (default 24) ago: KILLED, with ``mlstep.ended_by`` saying which run ended it and why. A younger run of
+      another host is a live concurrent step: it is left to converge by itself.
+    """
     query = filter_string(tags={TAG_KEY: pub.key}) + " and attributes.status = 'RUNNING'"
     runs = store.call("search runs", store.client.search_runs, [pub.experiment_id], query)
     host = socket.gethostname()
+    stale_before = int(time.time() * 1000) - int(stale_run_hours() * 3600 * 1000)
     for run in runs:
         tags = run.data.tags or {}
-        if tags.get(TAG_HOST) != host or not tags.get(TAG_PID, "").isdigit() or _alive(int(tags[TAG_PID])):
+        if run.info.run_id == pub.run_id or run.info.run_id in pub.reaped:
+            continue
+        local = tags.get(TAG_HOST) == host and tags.get(TAG_PID, "").isdigit()
+        if local and _alive(int(tags[TAG_PID])):
+            continue
+        if not local and (run.info.start_time or 0) > stale_before:
             continue
         models = [o.model_id for o in (run.outputs.model_outputs if run.outputs else [])]
         _fail_pending(store, models)
-        store.call("end run", store.client.set_terminated, run.info.run_id, "FAILED")
+        if local:
+            why = f"its mlstep process {tags[TAG_PID]} on {host} is gone"
+        else:
+            started = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime((run.info.start_time or 0) / 1000))
+            why = (f"left RUNNING by host {tags.get(TAG_HOST, '?')} since {started}, more than "
+                   f"{stale_run_hours():g} h ({ENV_STALE_HOURS})")
+        store.call("end run", store.client.set_tag, run.info.run_id, TAG_ENDED_BY,
+                   scrub(f"ended by mlstep run {pub.run_id}: {why}"))
+        store.call("end run", store.client.set_terminated, run.info.run_id, "FAILED" if local else "KILLED")
         pub.reaped.append(run.info.run_id)
+
+
+def stale_run_hours() -> float:
+    value = os.environ.get(ENV_STALE_HOURS, "").strip() or "24"
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1.0
+    if not hours >= 0:
+        raise BadInputError(f"{ENV_STALE_HOURS}={value!r}: expected a number of hours >= 0")
+    return hours
 
 
 def _alive(pid: int) -> bool:
@@ -412,7 +525,8 @@ def _run_tags(request: PublishRequest, key: str) -> dict[str, str]:
     resolved = request.resolved
     tags = {TAG_SOURCE: resolved.uri, "mlstep.source_requested": resolved.requested, TAG_KEY: key,
             TAG_SOURCE_SHA256: resolved.sha256, TAG_OPTIONS_HASH: request.options_hash, TAG_MLSTEP_RUN: __version__,
-            TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), "mlflow.source.type": "JOB"}
+            TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid())}
+    tags.update(source_tags())
     if resolved.alias:
         tags["mlstep.source_alias"] = resolved.alias
     tags.update(request.tags)
@@ -423,7 +537,12 @@ def _run_tags(request: PublishRequest, key: str) -> dict[str, str]:
 def _params(params: Mapping[str, Any]) -> list:
     from mlflow.entities import Param
 
-    return [Param(k, scrub(str(v))[:6000]) for k, v in sorted(params.items())]
+    return [Param(k, v) for k, v in _params_dict(params).items()]
+
+
+def _params_dict(params: "Mapping[str, Any] | PublishRequest") -> dict[str, str]:
+    params = params.params if isinstance(params, PublishRequest) else params
+    return {k: scrub(str(v))[:6000] for k, v in sorted(params.items())}
 
 
 def _metrics(metrics: Mapping[str, float]) -> list:
@@ -431,6 +550,16 @@ def _metrics(metrics: Mapping[str, float]) -> list:
 
     now = int(time.time() * 1000)
     return [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+
+
+def source_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow's own ``mlflow.source.*`` tags, the same on the run and on each LoggedModel it makes: a JOB named
+    by the GitHub Actions run URL in Actions, else by the mlstep command."""
+    env = os.environ if env is None else env
+    tags = {"mlflow.source.type": "JOB", "mlflow.source.name": ci_tags(env).get("github.run_url") or "mlstep"}
+    if env.get("GITHUB_SHA"):
+        tags["mlflow.source.git.commit"] = scrub(env["GITHUB_SHA"])
+    return tags
 
 
 def ci_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -448,8 +577,6 @@ def ci_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
     if env.get("GITHUB_REPOSITORY") and env.get("GITHUB_RUN_ID"):
         server = shown_uri(env.get("GITHUB_SERVER_URL") or "https://github.com").rstrip("/")
         tags["github.run_url"] = f"{server}/{env['GITHUB_REPOSITORY']}/actions/runs/{env['GITHUB_RUN_ID']}"
-    if env.get("GITHUB_SHA"):
-        tags["mlflow.source.git.commit"] = env["GITHUB_SHA"]
     return tags
 
 
@@ -489,7 +616,7 @@ def request_from_report(report: Mapping, resolved: Resolved, variant_paths: Mapp
                         register_as: str | None, aliases: Mapping[str, str], experiment: str | None) -> PublishRequest:
     """A :class:`PublishRequest` from a report dict (``options``, ``variants.*.gate.passed``, figures)."""
     variants = {name: VariantToPublish(Path(variant_paths[name]), bool(facts["gate"]["passed"]),
-                                       describe(name, report, resolved))
+                                       describe(name, report, resolved), variant_metrics(report, name))
                 for name, facts in report["variants"].items()}
     return PublishRequest(resolved=resolved, register_as=register_as, options_hash=report["options"]["options_hash"],
                           variants=variants, params=params_of(report, resolved), metrics=metric_values(report),
@@ -515,24 +642,34 @@ def params_of(report: Mapping, resolved: Resolved) -> dict[str, str]:
 
 
 def metric_values(report: Mapping) -> dict[str, float]:
-    """Fusion counts, parity, latency, speed-ups and optimizer time as flat metric names."""
+    """The run's metrics: optimizer time, the source's latency and every variant's figures prefixed by the
+    variant (``fp32.parity.max_abs_diff``): the run holds both variants, so its keys say which."""
     out: dict[str, float] = {"optimizer_seconds": report["optimizer_seconds"]}
     baseline = None
     for name, v in report["variants"].items():
-        for op, count in v["fusions"].items():
-            out[f"{name}.fusions.{op}"] = count
-        out[f"{name}.fusions.total"] = sum(v["fusions"].values())
-        if v["parity"]["max_abs_diff"] is not None:
-            out[f"{name}.parity.max_abs_diff"] = v["parity"]["max_abs_diff"]
-        for key in ("median", "p90", "p95"):
-            if v["latency_ms"][key] is not None:
-                out[f"{name}.latency_ms.{key}"] = v["latency_ms"][key]
-        if v["latency_ms"]["speedup"] is not None:
-            out[f"{name}.speedup"] = v["latency_ms"]["speedup"]
+        out.update({f"{name}.{key}": value for key, value in variant_metrics(report, name).items()})
         baseline = baseline or v["latency_ms"]["baseline_median"]
-        out[f"{name}.gate.passed"] = 1.0 if v["gate"]["passed"] else 0.0
     if baseline is not None:
         out["baseline.latency_ms.median"] = baseline
+    return {k: float(val) for k, val in out.items() if val is not None}
+
+
+def variant_metrics(report: Mapping, name: str) -> dict[str, float]:
+    """One variant's figures with plain keys (``parity.max_abs_diff``, ``latency_ms.median``, ``speedup``,
+    ``fusions.<op>``, ``gate.passed``): what its LoggedModel carries."""
+    v = report["variants"][name]
+    out: dict[str, float] = {f"fusions.{op}": count for op, count in v["fusions"].items()}
+    out["fusions.total"] = sum(v["fusions"].values())
+    if v["parity"]["max_abs_diff"] is not None:
+        out["parity.max_abs_diff"] = v["parity"]["max_abs_diff"]
+    for key in ("median", "p90", "p95"):
+        if v["latency_ms"][key] is not None:
+            out[f"latency_ms.{key}"] = v["latency_ms"][key]
+    if v["latency_ms"]["speedup"] is not None:
+        out["speedup"] = v["latency_ms"]["speedup"]
+    if v["latency_ms"].get("baseline_median") is not None:
+        out["baseline.latency_ms.median"] = v["latency_ms"]["baseline_median"]
+    out["gate.passed"] = 1.0 if v["gate"]["passed"] else 0.0
     return {k: float(val) for k, val in out.items() if val is not None}
 
 

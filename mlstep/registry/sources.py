@@ -268,7 +268,7 @@ def materialize(source: str | os.PathLike, store: "Store | None" = None, *,
     if store is None:
         from mlstep.registry.store import Store
 
-        store = Store()
+        store = Store(reading=text)
     workdir = Path(tempfile.mkdtemp(prefix="mlstep-source-"))
     try:
         yield resolve(store, text, workdir)
@@ -293,7 +293,7 @@ def resolve(store: "Store", uri: str, workdir: Path) -> Resolved:
         local = _download(store, concrete, workdir, shown)
         return Resolved(requested=shown, uri=concrete, kind="run", local_path=local,
                         name=_name_of_run(store, run.info.run_id), run_id=run.info.run_id,
-                        sha256=source_digest(local))
+                        model_id=_logged_model_of_run(store, run, second), sha256=source_digest(local))
     if kind == "logged_model":
         logged = store.call(shown, client.get_logged_model, first)
         _refuse_variant(shown, f"models:/{logged.model_id}", logged.tags or {})
@@ -316,7 +316,18 @@ def resolve(store: "Store", uri: str, workdir: Path) -> Resolved:
     local = _download(store, concrete, workdir, label)
     return Resolved(requested=shown, uri=concrete, kind="model_version", local_path=local, name=version.name,
                     version=str(version.version), alias=alias, run_id=version.run_id or None,
-                    model_id=getattr(version, "model_id", None) or None, sha256=source_digest(local))
+                    model_id=model_id_of_version(version), sha256=source_digest(local))
+
+
+def model_id_of_version(version) -> str | None:
+    """The LoggedModel behind a registered version: its ``model_id`` when the store keeps one, else the
+    ``models:/m-ID`` its source names (MLflow's SQL registry records only the source)."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return model_id
+    source = getattr(version, "source", None) or ""
+    rest = source[len("models:/"):] if source.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
 
 
 def _refuse_variant(label: str, concrete: str, tags) -> None:
@@ -358,6 +369,16 @@ def _name_of_run(store: "Store", run_id: str) -> str | None:
     versions = store.call(f"run {run_id}", store.client.search_model_versions, f"run_id = '{run_id}'")
     names = {v.name for v in versions}
     return names.pop() if len(names) == 1 else None
+
+
+def _logged_model_of_run(store: "Store", run, path: str) -> str | None:
+    """The LoggedModel a ``runs:/RUN/PATH`` names (MLflow 3 logs ``name=PATH`` as a model output of the run)."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    for output in outputs:
+        logged = store.call(f"models:/{output.model_id}", store.client.get_logged_model, output.model_id)
+        if logged.name == path:
+            return logged.model_id
+    return None
 
 
 def _name_of_logged_model(store: "Store", logged) -> str | None:

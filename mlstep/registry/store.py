@@ -25,6 +25,7 @@ from mlstep.errors import BadInputError, MlstepError, RegistryError, UsageError
 from mlstep.redact import scrub
 
 DEFAULT_DB = "mlflow.db"
+NO_TRACKING_URI = "MLFLOW_TRACKING_URI is not set (export it to name your tracking server, e.g. http://HOST:5000)"
 ENV_RETRIES, ENV_BACKOFF, ENV_TIMEOUT = "MLSTEP_REGISTRY_RETRIES", "MLSTEP_REGISTRY_BACKOFF", "MLSTEP_REGISTRY_TIMEOUT"
 RETRY_DEFAULTS = {ENV_RETRIES: ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5"),
                   ENV_BACKOFF: ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
@@ -110,8 +111,15 @@ def retry_policy() -> dict[str, int]:
 class Store:
     """An MLflow tracking + registry store: a client and the boundary that turns its failures into ours."""
 
-    def __init__(self, uri: str | None = None, registry_uri: str | None = None):
+    def __init__(self, uri: str | None = None, registry_uri: str | None = None, *, reading: str | None = None):
+        """``reading``: the MLflow source the store is opened to read. With ``MLFLOW_TRACKING_URI`` unset and no
+        ``./mlflow.db``, that source cannot be there: ``BadInputError`` with the hint, and no database is
+        created just to find that out."""
         self.uri = check_uri(uri, "tracking URI") if uri else tracking_uri()
+        self.default = not uri and not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        if reading is not None and self.default and not (Path.cwd() / DEFAULT_DB).exists():
+            raise BadInputError(f"{scrub(reading)}: not found: {NO_TRACKING_URI} and there is no {DEFAULT_DB} "
+                                f"in {Path.cwd()} (MLflow's default store)")
         # The environment names the registry only for the environment's store (mlflow.set_registry_uri
         # writes that variable too: a store given explicitly must not inherit an earlier one's registry).
         registry = registry_uri or ("" if uri else os.environ.get("MLFLOW_REGISTRY_URI", "").strip())
@@ -144,7 +152,8 @@ class Store:
         text = " ".join(scrub(str(err)).split())
         what = scrub(what)
         if code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in text):
-            return BadInputError(f"{what}: not found in MLflow at {self.shown}")
+            hint = f" ({NO_TRACKING_URI}: the default store in this folder was searched)" if self.default else ""
+            return BadInputError(f"{what}: not found in MLflow at {self.shown}{hint}")
         if unreachable(err, text):
             policy = retry_policy()
             retries = f"{policy['retries']} retr{'y' if policy['retries'] == 1 else 'ies'}"
