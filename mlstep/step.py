@@ -229,6 +229,7 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
     with _stage(listener, "optimize", model_path.name) as note:
         optimized = _optimize(src.model, options, model_path)
         note(_fusion_text(optimized.fusions))
+    notes = list(notes) + list(optimized.detected.notes)     # options the graph overruled
     warnings = gates.unfused_warnings(optimized.coverage)
     with _stage(listener, "variants", ", ".join(names)):
         paths, fusions = variant_builder.build_variants(optimized.model, names, staging, source=src.precision)

@@ -120,10 +120,13 @@ def test_unknown_fusion_name_is_refused(bert):
 def test_num_heads_explicit(bert):
     result = optimize_file(bert, OptimizeOptions(num_heads=4))
     assert result.detected.num_heads == 4 and result.fusions == FULLY_FUSED
-    with pytest.raises(UsageError, match="contradicts"):
-        optimize_file(bert, OptimizeOptions(num_heads=8))
-    with pytest.raises(UsageError, match="does not divide"):
-        optimize_file(bert, OptimizeOptions(num_heads=5))
+    # a count the graph's head split contradicts: the graph's is used, and said (not silent, not an error)
+    overruled = optimize_file(bert, OptimizeOptions(num_heads=8, hidden_size=16))
+    assert overruled.detected.num_heads == 4 and overruled.detected.hidden_size == 32
+    assert overruled.fusions == FULLY_FUSED
+    assert overruled.detected.notes == ("hidden_size 16 contradicts the graph: used its hidden size 32",
+                                        "num_heads 8 contradicts the graph: used its 4 heads")
+    assert set(overruled.detected.notes) <= set(overruled.summary_lines())
 
 
 def _softmax_over_queries(model: ir.Model) -> ir.Model:

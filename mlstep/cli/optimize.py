@@ -82,10 +82,12 @@ ModelTypeOpt = Annotated[ModelType, typer.Option(
     help="Model family; 'auto' detects it from the graph.")]
 NumHeadsOpt = Annotated[int, typer.Option(
     "--num-heads", rich_help_panel=OPT,
-    help="Attention heads; 0 detects from the graph. A value that contradicts the graph is an error.")]
+    help="Attention heads; 0 detects from the graph. Where the graph shows another count, the graph's is used "
+    "(the report says so).")]
 HiddenSizeOpt = Annotated[int, typer.Option(
     "--hidden-size", rich_help_panel=OPT,
-    help="Hidden size; 0 detects from the graph. Must be divisible by --num-heads.")]
+    help="Hidden size; 0 detects from the graph (whose size wins, said in the report). Must be divisible by "
+    "--num-heads.")]
 InputInt32Opt = Annotated[bool, typer.Option(
     "--input-int32", rich_help_panel=OPT, help="Make int64 graph inputs int32 (no extra Cast left behind).")]
 UseGpuOpt = Annotated[bool, typer.Option(
@@ -239,6 +241,8 @@ def _print_summary(result, verbose: bool) -> None:
     console = Console(highlight=False, width=wide)
     report = result.report
     if verbose:
+        for note in report.get("notes") or []:
+            console.print(f"note: {note}", markup=False)
         for entry in result.fusion_log:
             console.print(f"{entry.name}: fused {entry.fused}", markup=False)
             for reason in entry.refused:

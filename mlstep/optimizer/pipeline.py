@@ -35,7 +35,7 @@ class OptimizeResult:
     def summary_lines(self) -> list[str]:
         """Coverage per block kind (``attention 1/2: layer 1: <reason>``), then each fusion's count; a fusion
         that fused nothing says why (its refusals, its kind's miss, or that the graph has no such form)."""
-        lines = [f"repaired on load: {repair}" for repair in self.repairs]
+        lines = [f"repaired on load: {repair}" for repair in self.repairs] + list(self.detected.notes)
         lines += [c.line() for c in self.coverage.values() if c.detected or c.fused]
         misses = {name: c.misses[0] for c in self.coverage.values() if c.misses
                   for name in EXPLAINED_BY.get(c.kind, ())}

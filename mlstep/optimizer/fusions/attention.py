@@ -91,16 +91,19 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         if any(w is None or len(w) != 2 for w in weights):
             return result.fail("Q/K/V weights are not constant 2-D matrices")
         hidden_in, hidden = weights[0]
-        if any(w != (hidden_in, hidden) for w in weights):
+        if weights[1] != (hidden_in, hidden) or weights[2][0] != hidden_in:
             return result.fail(f"Q/K/V weights differ in shape: {weights}")
-        if any(b != (hidden,) for b in biases):
-            return result.fail("Q/K/V biases are not constant vectors of the hidden size")
+        if any(b != (w[1],) for b, w in zip(biases, weights)):
+            return result.fail("Q/K/V biases are not constant vectors of their projection's width")
         heads, head_size = self._heads(q_shape, hidden)
         if not heads:
             return result.fail(f"cannot tell the number of heads from the head split (hidden {hidden})")
-        for shape in (k_shape, v_shape) + ((ctx_shape,) if ctx_shape is not None else ()):
-            tail = shape_tail(shape)
-            if len(tail) == 2 and tail[-1] not in (None, head_size):
+        v_heads, v_head_size = _split_heads(v_shape, weights[2][1])
+        if v_heads != heads:
+            return result.fail(f"V is split into {v_heads or 'an unknown number of'} heads, Q into {heads}")
+        for shape, size in ((k_shape, head_size), (ctx_shape, v_head_size)):
+            tail = shape_tail(shape) if shape is not None else []
+            if len(tail) == 2 and tail[-1] not in (None, size):
                 return result.fail(f"K/V head size {tail[-1]} differs from Q's {head_size}")
         axis = probs.producer().attributes.get_int("axis", -1)
         if not last_axis(axis, 4):
@@ -122,6 +125,9 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         inputs = [x, _packed(op, (wq, wk, wv), axis=1, suffix="qkv_weight"),
                   _packed(op, (bq, bk, bv), axis=0, suffix="qkv_bias")]
         attrs = {"num_heads": heads}
+        v_hidden = const_shape(wv)[1]
+        if v_hidden != hidden:   # pruned heads: V narrower (or wider) than Q and K
+            attrs["qkv_hidden_sizes"] = [hidden, hidden, v_hidden]
         scale = attention_scale(q_scaled, k_scaled, s_scaling, q_scale, k_scale, s_scale)
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
             attrs["scale"] = float(scale)
@@ -140,13 +146,11 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
     # -- helpers (pure functions of the match; no state kept between check and rewrite but the memo) --
 
     def _heads(self, q_shape, hidden: int) -> tuple[int, int]:
-        tail = shape_tail(q_shape)
-        if len(tail) == 2 and tail[-1] and tail[-1] > 0 and hidden % tail[-1] == 0:
-            heads = hidden // tail[-1]
-            if tail[-2] in (heads, -1, None):
-                if self._ctx.num_heads and self._ctx.num_heads != heads:
-                    return 0, 0
-                return heads, tail[-1]
+        """(heads, head size) of Q: the head split says it (a fact of the graph: the fused op must split the
+        same way, whatever count was detected or given); else the detected/given head count."""
+        heads, head_size = _split_heads(q_shape, hidden)
+        if heads:
+            return heads, head_size
         if self._ctx.num_heads and hidden % self._ctx.num_heads == 0:
             return self._ctx.num_heads, hidden // self._ctx.num_heads
         return 0, 0
@@ -155,6 +159,17 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         if mask_bias.name not in self._mask_memo:
             self._mask_memo[mask_bias.name] = padding_mask_source(model, mask_bias)
         return self._mask_memo[mask_bias.name]
+
+
+def _split_heads(shape: ir.Value, width: int) -> tuple[int, int]:
+    """(heads, head size) of a [B, S, heads, head_size] split of a projection ``width`` wide, (0, 0) if the split's
+    tail does not show it."""
+    tail = shape_tail(shape)
+    if len(tail) == 2 and tail[-1] and tail[-1] > 0 and width % tail[-1] == 0:
+        heads = width // tail[-1]
+        if tail[-2] in (heads, -1, None):
+            return heads, tail[-1]
+    return 0, 0
 
 
 FUSION = Fusion("attention", lambda ctx: [EncoderAttention.rule(ctx)], commute=False, anchor="Softmax")
