@@ -7,7 +7,8 @@
 Layouts matched (one pattern, alternatives as OrValue):
   * K^T as Transpose(0,2,3,1) of the split (TorchScript), Transpose(0,1,3,2) of Q-style split, or the
     dynamo Reshape -> Transpose(0,2,1) -> Reshape form;
-  * the scale as Div/Mul on the scores (eager) or a Mul on Q and K each (sdpa's sqrt split);
+  * the scale as Div/Mul on the scores (eager; keras2onnx writes Mul(scale, scores)) or a Mul on Q and K
+    each (sdpa's sqrt split);
   * the mask bias Add (either operand order) or none; sdpa's IsNaN -> Where(0) guard after Softmax.
 The mask is fed raw (2-D, int32) so that any padding, left or right, gives the original's output. The mask
 bias is *probed* (see probe.py): whatever ops built it, it must equal a padding mask of one 2-D input.
@@ -71,8 +72,9 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         q = pattern.OrValue([op.Mul(q, q_scale), q], tag_var="q_scaled", tag_values=[True, False])
         k_t = pattern.OrValue([op.Mul(k_t, k_scale), k_t], tag_var="k_scaled", tag_values=[True, False])
         scores = op.MatMul(q, k_t)
-        scores = pattern.OrValue([op.Div(scores, s_scale), op.Mul(scores, s_scale), scores],
-                                 tag_var="s_scaling", tag_values=["div", "mul", "none"])
+        scores = pattern.OrValue(
+            [op.Div(scores, s_scale), op.Mul(scores, s_scale), op.Mul(s_scale, scores), scores],
+            tag_var="s_scaling", tag_values=["div", "mul", "mul", "none"])
         scores = pattern.OrValue([op.Add(scores, mask_bias), op.Add(mask_bias, scores), scores],
                                  tag_var="masked", tag_values=[True, True, False])
         probs = op.Softmax(scores, _outputs=["probs"])

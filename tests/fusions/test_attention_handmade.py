@@ -1,10 +1,12 @@
-"""Encoder attention whose Q/K and V projections have different widths (pruned heads, ORT's
-``create_bert_attention(16, 2, 24, 16)``) -> Attention with ``qkv_hidden_sizes``: parity at batch 3 with masks
-padded right, left and holed, on short and long sequences; a near-miss (V split into another number of heads
-than Q: its one head is broadcast over Q's two) that must not fuse.
+"""Encoder attention in the layouts of ONNX Runtime's own test graphs, built here with onnx.helper:
+- Q/K and V projections of different widths (pruned heads, ORT's ``create_bert_attention(16, 2, 24, 16)``) ->
+  Attention with ``qkv_hidden_sizes``;
+- keras2onnx's scale written ``Mul(scale, scores)`` (constant first).
+Each with parity at batch 3 with masks padded right, left and holed, on short and long sequences; near-miss:
+V split into another number of heads than Q (its one head broadcast over Q's two) must not fuse.
 
-The graphs are built here with onnx.helper, in the layout of ORT's test generator (TorchScript-style head split,
-K^T as Transpose(0, 2, 3, 1), scores divided by sqrt(head size), the mask bias ``(1 - mask) * -10000``).
+Layout (as ORT's test generator writes it): TorchScript-style head split, K^T as Transpose(0, 2, 3, 1), scores
+divided by sqrt(head size), the mask bias ``(1 - mask) * -10000``.
 """
 from __future__ import annotations
 
@@ -32,9 +34,11 @@ def _masks(batch: int, seq: int) -> dict[str, np.ndarray]:
     return {"right": right, "left": left, "holed": holed}
 
 
-def attention_graph(qk_width: int = 24, v_width: int = 16, heads: int = 2, v_heads: int = 2) -> onnx.ModelProto:
+def attention_graph(qk_width: int = 24, v_width: int = 16, heads: int = 2, v_heads: int = 2,
+                    scale_first: bool = False) -> onnx.ModelProto:
     """LayerNorm(x1 + x2) -> attention (Q/K ``qk_width`` wide in ``heads`` heads, V ``v_width`` wide in
-    ``v_heads`` heads) -> output projection + residual. Batch and sequence symbolic."""
+    ``v_heads`` heads) -> output projection + residual. Batch and sequence symbolic. ``scale_first``: the scores
+    scaled as ``Mul(1 / sqrt(d), scores)`` (keras2onnx), else ``Div(scores, sqrt(d))``."""
     rng = np.random.default_rng(7)
     w = lambda *shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32))  # noqa: E731
     init = {"wq": w(HIDDEN, qk_width), "wk": w(HIDDEN, qk_width), "wv": w(HIDDEN, v_width),
@@ -45,6 +49,7 @@ def attention_graph(qk_width: int = 24, v_width: int = 16, heads: int = 2, v_hea
             "v_shape": numpy_helper.from_array(np.array([0, 0, v_heads, v_width // v_heads], np.int64)),
             "ctx_shape": numpy_helper.from_array(np.array([0, 0, -1], np.int64)),
             "scale": numpy_helper.from_array(np.array([np.sqrt(qk_width // heads)], np.float32)),
+            "inv_scale": numpy_helper.from_array(np.array(1 / np.sqrt(qk_width // heads), np.float32)),
             "one": numpy_helper.from_array(np.array([1.0], np.float32)),
             "neg": numpy_helper.from_array(np.array([-10000.0], np.float32)),
             "axes12": numpy_helper.from_array(np.array([1, 2], np.int64))}
@@ -62,7 +67,9 @@ def attention_graph(qk_width: int = 24, v_width: int = 16, heads: int = 2, v_hea
         n("Transpose", ["v2"], ["v"], perm=[0, 2, 1, 3]),
         n("Unsqueeze", ["mask", "axes12"], ["m0"]), n("Cast", ["m0"], ["m1"], to=TensorProto.FLOAT),
         n("Sub", ["one", "m1"], ["m2"]), n("Mul", ["m2", "neg"], ["bias"]),
-        n("MatMul", ["q", "kt"], ["s0"]), n("Div", ["s0", "scale"], ["s1"]), n("Add", ["s1", "bias"], ["s2"]),
+        n("MatMul", ["q", "kt"], ["s0"]),
+        n("Mul", ["inv_scale", "s0"], ["s1"]) if scale_first else n("Div", ["s0", "scale"], ["s1"]),
+        n("Add", ["s1", "bias"], ["s2"]),
         n("Softmax", ["s2"], ["p"], axis=3),
         n("MatMul", ["p", "v"], ["c0"]), n("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),
         n("Reshape", ["c1", "ctx_shape"], ["c2"]),
@@ -88,16 +95,8 @@ def _fuse(proto: onnx.ModelProto, ctx: FusionContext):
     return model, run_fusion(FUSION, model, ctx, explain=True)
 
 
-@pytest.mark.parametrize("heads", [0, 8])   # detected, or a wrong count given: the graph's head split decides
-def test_varied_qkv_widths_fuse_with_qkv_hidden_sizes_and_parity(tmp_path, heads):
-    proto = attention_graph()
-    model, log = _fuse(proto, FusionContext("bert", heads, HIDDEN))
-    assert log.fused == 1, log.refused
-    (node,) = [n for n in model.graph if n.op_type == "Attention" and n.domain == MS_DOMAIN]
-    assert node.attributes.get_int("num_heads") == 2
-    assert list(node.attributes.get_ints("qkv_hidden_sizes")) == [24, 24, 16]
-    assert node.inputs[1].shape == ir.Shape([HIDDEN, 64]) and node.inputs[2].shape == ir.Shape([64])
-    assert not [n for n in model.graph if n.op_type == "Softmax"]
+def assert_parity(proto: onnx.ModelProto, model: ir.Model, tmp_path: Path) -> None:
+    """Batch 3 x sequence 8 and batch 2 x sequence 70, masks padded right, left and holed."""
     path = tmp_path / "fused.onnx"
     ir.save(model, path)
     ref, got = _session(proto), _session(path)
@@ -108,6 +107,35 @@ def test_varied_qkv_widths_fuse_with_qkv_hidden_sizes_and_parity(tmp_path, heads
                      "x2": rng.normal(size=(batch, seq, HIDDEN)).astype(np.float32), "mask": mask.astype(np.int64)}
             np.testing.assert_allclose(got.run(None, feeds)[0], ref.run(None, feeds)[0], atol=1e-4, rtol=1e-3,
                                        err_msg=f"{kind} {batch}x{seq}")
+
+
+def fused_node(model: ir.Model) -> ir.Node:
+    (node,) = [n for n in model.graph if n.op_type == "Attention" and n.domain == MS_DOMAIN]
+    assert not [n for n in model.graph if n.op_type == "Softmax"]
+    return node
+
+
+@pytest.mark.parametrize("heads", [0, 8])   # detected, or a wrong count given: the graph's head split decides
+def test_varied_qkv_widths_fuse_with_qkv_hidden_sizes_and_parity(tmp_path, heads):
+    proto = attention_graph()
+    model, log = _fuse(proto, FusionContext("bert", heads, HIDDEN))
+    assert log.fused == 1, log.refused
+    node = fused_node(model)
+    assert node.attributes.get_int("num_heads") == 2
+    assert list(node.attributes.get_ints("qkv_hidden_sizes")) == [24, 24, 16]
+    assert node.inputs[1].shape == ir.Shape([HIDDEN, 64]) and node.inputs[2].shape == ir.Shape([64])
+    assert_parity(proto, model, tmp_path)
+
+
+def test_scale_constant_first_fuses_with_parity(tmp_path):
+    """keras2onnx: ``Mul(0.5, scores)``; equal widths, so no qkv_hidden_sizes."""
+    proto = attention_graph(qk_width=HIDDEN, v_width=HIDDEN, scale_first=True)
+    model, log = _fuse(proto, FusionContext("bert_keras", 0, HIDDEN))
+    assert log.fused == 1, log.refused
+    node = fused_node(model)
+    assert node.attributes.get_int("num_heads") == 2 and "qkv_hidden_sizes" not in node.attributes
+    assert "scale" not in node.attributes          # 1/sqrt(8): the kernel's default
+    assert_parity(proto, model, tmp_path)
 
 
 def test_v_split_into_other_heads_than_q_does_not_fuse():
