@@ -245,3 +245,25 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
             return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
         fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
     return source, fill, ""
+
+
+def per_key_bias(model: ir.Model, bias: ir.Value) -> str:
+    """"" if ``bias`` is an additive bias computed from one 2-D input that is the same for every query and
+    every head (probed shape [batch or 1, 1, 1, total]: ORT Attention's ``attention_bias`` once expanded over the
+    queries, whatever its values), else the reason. Used where the bias is not a padding mask."""
+    anc, source, reason = _mask_input(model, bias)
+    if source is None:
+        return reason
+    feeds_list, shapes = [], []
+    for batch, seq in PADDING_PROBES:
+        mask = _masks(batch, seq)
+        feeds_list.append({v.name: (mask if v is source else np.zeros((batch, seq), np.int64)).astype(
+            _NP.get(v.dtype, np.int64)) for v in anc.data_inputs + anc.shape_inputs})
+        shapes.append((batch, seq))
+    outs, reason = _run_mask(model, bias, feeds_list)
+    if outs is None:
+        return reason
+    for (batch, seq), out in zip(shapes, outs):
+        if out.ndim != 4 or out.shape[0] not in (1, batch) or out.shape[1:] != (1, 1, seq):
+            return f"the attention bias has shape {out.shape}, not [{batch} or 1, 1, 1, {seq}] (one row per key)"
+    return ""

@@ -11,7 +11,9 @@ Layouts matched (one pattern, alternatives as OrValue):
     each (sdpa's sqrt split);
   * the mask bias Add (either operand order) or none; sdpa's IsNaN -> Where(0) guard after Softmax.
 The mask is fed raw (2-D, int32) so that any padding, left or right, gives the original's output. The mask
-bias is *probed* (see probe.py): whatever ops built it, it must equal a padding mask of one 2-D input.
+bias is *probed* (see probe.py): whatever ops built it, it must equal a padding mask of one 2-D input; else, if
+it is one additive row per key (the same for every query and head, e.g. tf2onnx's generator graph adding
+``(1 - mask) * 0.125``), it goes in as it is, as ``attention_bias`` expanded over the queries.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import (MS_DOMAIN, Fusion, FusionContext, attention_scale, const_scalar,
                                              const_shape, last_axis, shape_tail)
-from mlstep.optimizer.probe import padding_mask_source
+from mlstep.optimizer.probe import padding_mask_source, per_key_bias
 
 _FLOAT_MIN = float(np.finfo(np.float32).min)
 
@@ -58,6 +60,7 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         super().__init__("EncoderAttention", remove_nodes=True)
         self._ctx = ctx
         self._mask_memo: dict[str, tuple[ir.Value | None, str]] = {}   # per-run memo of mask probes
+        self._bias_memo: dict[str, str] = {}                            # and of per-key bias probes
 
     def pattern(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, k_shape, v_shape, mask_bias,
                 q_scale, k_scale, s_scale, zero, ctx_shape):
@@ -116,8 +119,9 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
             return result.fail("the attention scale is not a constant scalar")
         if masked:
             source, _fill, reason = self._mask_source(context.model, mask_bias)
-            if source is None:
-                return result.fail(reason)
+            why_not_bias = self._bias_reason(context.model, mask_bias) if source is None else ""
+            if why_not_bias:
+                return result.fail(f"{reason}; nor is it a per-key bias ({why_not_bias})")
         return result
 
     def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, q_scaled, k_scaled, s_scaling, masked, nan_guard,
@@ -136,6 +140,10 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         if not masked:
             return op.Attention(*inputs, _domain=MS_DOMAIN, **attrs)
         source, fill, _ = self._mask_memo[mask_bias.name]
+        if source is None:   # a per-key additive bias, not a padding mask: added as it is, over every query
+            queries = op.Slice(op.Shape(x), op.Constant(value_ints=[1]), op.Constant(value_ints=[2]))
+            target = op.Concat(op.Constant(value_ints=[1, 1]), queries, op.Constant(value_ints=[1]), axis=0)
+            return op.Attention(*inputs, None, None, op.Expand(mask_bias, target), _domain=MS_DOMAIN, **attrs)
         # The export's own fill value, so that even a row with nothing to attend to matches the original.
         attrs["mask_filter_value"] = max(fill, _FLOAT_MIN)
         out = op.Attention(*inputs, op.Cast(source, to=ir.DataType.INT32), _domain=MS_DOMAIN, **attrs)
@@ -156,6 +164,11 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         if self._ctx.num_heads and hidden % self._ctx.num_heads == 0:
             return self._ctx.num_heads, hidden // self._ctx.num_heads
         return 0, 0
+
+    def _bias_reason(self, model, mask_bias) -> str:
+        if mask_bias.name not in self._bias_memo:
+            self._bias_memo[mask_bias.name] = per_key_bias(model, mask_bias)
+        return self._bias_memo[mask_bias.name]
 
     def _mask_source(self, model, mask_bias):
         if mask_bias.name not in self._mask_memo:
