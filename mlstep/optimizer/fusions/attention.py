@@ -167,12 +167,12 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
 
     def _bias_reason(self, model, mask_bias) -> str:
         if mask_bias.name not in self._bias_memo:
-            self._bias_memo[mask_bias.name] = per_key_bias(model, mask_bias)
+            self._bias_memo[mask_bias.name] = per_key_bias(model, mask_bias, self._ctx.sequence_lengths)
         return self._bias_memo[mask_bias.name]
 
     def _mask_source(self, model, mask_bias):
         if mask_bias.name not in self._mask_memo:
-            self._mask_memo[mask_bias.name] = padding_mask_source(model, mask_bias)
+            self._mask_memo[mask_bias.name] = padding_mask_source(model, mask_bias, self._ctx.sequence_lengths)
         return self._mask_memo[mask_bias.name]
 
 
