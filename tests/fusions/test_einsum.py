@@ -107,3 +107,58 @@ def test_a_bias_per_query_does_not_fuse(fill):
     model, _, log = _fused(proto)
     assert log.fused == 0
     assert any("nor is it a per-key bias" in r and "one row per key" in r for r in log.refused), log.refused
+
+
+# --- the lowering alone: exact on every equation it takes, and leaves the others ------------------------
+
+LOWERED = [  # (equation, left shape, right shape, right is a constant)
+    ("abc,cd->abd", (2, 5, 6), (6, 3), True),                # Dense with a 2-D kernel
+    ("abc,cde->abde", (2, 5, 6), (6, 2, 3), True),           # 3-D kernel (tf2onnx)
+    ("abcd,cde->abe", (2, 5, 2, 3), (2, 3, 4), True),        # merge heads and project
+    ("abc,dce->abde", (2, 5, 6), (2, 6, 3), True),           # contracted index not first in the kernel
+    ("bij,bjk->bik", (3, 4, 5), (3, 5, 2), False),           # batched MatMul
+    ("bij,bkj->bik", (3, 4, 5), (3, 2, 5), False),           # times a transpose
+    ("abcd,aecd->acbe", (2, 4, 3, 5), (2, 6, 3, 5), False),  # attention scores
+    ("acbe,aecd->abcd", (2, 3, 4, 6), (2, 6, 3, 5), False),  # attention context
+]
+LEFT_ALONE = [
+    ("...ij,...jk->...ik", (3, 4, 5), (3, 5, 2), False, "ellipsis"),
+    ("bij,bjk->bk", (3, 4, 5), (3, 5, 2), False, "summed within one operand"),
+    ("bijm,bjkn->bikmn", (3, 4, 5, 2), (3, 5, 2, 2), False, "two free indices"),
+]
+
+
+def _einsum_model(equation, a_shape, b_shape, b_const):
+    rng = np.random.default_rng(5)
+    b = numpy_helper.from_array(rng.normal(size=b_shape).astype(np.float32), "b")
+    inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a_shape))]
+    if not b_const:
+        inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b_shape)))
+    graph = helper.make_graph([helper.make_node("Einsum", ["a", "b"], ["y"], equation=equation)], "e", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [b] if b_const else [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("equation,a_shape,b_shape,b_const", LOWERED)
+def test_lowering_is_exact(equation, a_shape, b_shape, b_const):
+    from test_attention_handmade import _session
+
+    proto = _einsum_model(equation, a_shape, b_shape, b_const)
+    model = prepare(ir.from_proto(proto))
+    assert run_fusion(einsum.FUSION, model, CTX).fused == 1
+    assert not [n for n in model.graph if n.op_type == "Einsum"]
+    rng = np.random.default_rng(6)
+    feeds = {"a": rng.normal(size=a_shape).astype(np.float32)}
+    if not b_const:
+        feeds["b"] = rng.normal(size=b_shape).astype(np.float32)
+    want = _session(proto).run(None, feeds)[0]
+    got = _session(ir.serde.serialize_model(model)).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("equation,a_shape,b_shape,b_const,why", LEFT_ALONE)
+def test_other_equations_are_left_alone(equation, a_shape, b_shape, b_const, why):
+    model = prepare(ir.from_proto(_einsum_model(equation, a_shape, b_shape, b_const)))
+    log = run_fusion(einsum.FUSION, model, CTX, explain=True)
+    assert log.fused == 0 and [n.op_type for n in model.graph] == ["Einsum"], why
+    assert log.refused, why
