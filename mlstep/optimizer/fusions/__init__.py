@@ -1,8 +1,8 @@
 """The fusions, in the order the pipeline applies them (one file each).
 
 Order matters only where one fusion's output is another's input: flattened Gemms (and TF's flattened
-tensordot MatMuls, and Einsums) back to 3-D MatMul and decomposed LayerNorms (PyTorch's and TF's forms) first, so that
-the others see one form; then GELU forms, attention (encoder, then causal), the embedding, and last the
+tensordot MatMuls, and Einsums) back to 3-D MatMul and decomposed LayerNorms (PyTorch's and TF's forms) first,
+so that the others see one form; then GELU forms, attention (encoder, then causal), the embedding, and last the
 residual Add + LayerNorm.
 """
 from mlstep.optimizer.fusions.attention import FUSION as ATTENTION
@@ -17,5 +17,5 @@ from mlstep.optimizer.fusions.layer_norm_tf import FUSION as LAYER_NORM_TF
 from mlstep.optimizer.fusions.skip_layer_norm import FUSION as SKIP_LAYER_NORM
 from mlstep.optimizer.fusions.tensordot import FUSION as TENSORDOT
 
-FUSION_ORDER = [GEMM_TO_MATMUL, TENSORDOT, EINSUM, LAYER_NORM, LAYER_NORM_TF, GELU, FAST_GELU, ATTENTION, CAUSAL_ATTENTION,
-                EMBED_LAYER_NORM, SKIP_LAYER_NORM]
+FUSION_ORDER = [GEMM_TO_MATMUL, TENSORDOT, EINSUM, LAYER_NORM, LAYER_NORM_TF, GELU, FAST_GELU, ATTENTION,
+                CAUSAL_ATTENTION, EMBED_LAYER_NORM, SKIP_LAYER_NORM]

@@ -88,7 +88,7 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
         return op.Reshape(op.Transpose(ctx, perm=[0, 2, 1, 3]), pattern.ANY_VALUE)
 
     def check(self, context, x, wq, bq, wk, bk, wv, bv, q_shape, k_shape, v_shape, probs, q_scaled, k_scaled,
-              s_scaling, masked, q_scale=None, k_scale=None, s_scale=None, mask_bias=None, zero=None,
+              s_scaling, masked, nan_guard, q_scale=None, k_scale=None, s_scale=None, mask_bias=None, zero=None,
               ctx_shape=None, **_):
         result = pattern.MatchResult()
         weights = [const_shape(w) for w in (wq, wk, wv)]   # shapes only: weights stay on disk until saved
@@ -122,6 +122,8 @@ class EncoderAttention(pattern.RewriteRuleClassBase):
             why_not_bias = self._bias_reason(context.model, mask_bias) if source is None else ""
             if why_not_bias:
                 return result.fail(f"{reason}; nor is it a per-key bias ({why_not_bias})")
+            if source is None and nan_guard:   # a row the bias fully blocks: NaN -> 0 there, not the kernel's
+                return result.fail(f"{reason}; a per-key bias behind a NaN guard is not fused")
         return result
 
     def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, q_shape, q_scaled, k_scaled, s_scaling, masked, nan_guard,
