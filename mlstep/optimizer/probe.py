@@ -220,17 +220,22 @@ def _shape_feed(value: ir.Value, batch: int, seq: int, past: int, total: int) ->
     return np.zeros([batch, seq] + [d if isinstance(d, int) else 1 for d in value.shape[2:]], dtype=dtype)
 
 
-def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, float, str]:
+def causal_mask_source(model: ir.Model, bias: ir.Value, lengths: Sequence[int] = (),
+                       ) -> tuple[ir.Value | None, float, str]:
     """If ``bias`` is a causal mask combined with the padding mask of one 2-D input spanning past + current
     tokens -- 0 where ``mask[b, j] == 1 and j <= past + i``, a large negative value elsewhere -- return that
     input and the negative fill value (the fused op reproduces it, so that even rows with nothing to attend
-    to match the original). Otherwise (None, 0, reason)."""
+    to match the original). Otherwise (None, 0, reason). ``lengths``: the user's sequence lengths, probed too
+    (as the whole prompt, and with past as one new token after a prompt of that length)."""
     anc, source, reason = _mask_input(model, bias)
     if source is None:
         return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
     shapes = CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
+    users = [(2, int(n), 0) for n in dict.fromkeys(lengths) if n >= 2]
+    users += [(2, 1, int(n)) for n in dict.fromkeys(lengths) if n >= 1 and has_past]
+    shapes = shapes + tuple(shape for shape in users if shape not in shapes)
     feeds_list, masks = [], []
     for batch, seq, past in shapes:
         mask = _masks(batch, past + seq)
