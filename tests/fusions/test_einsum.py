@@ -125,6 +125,7 @@ LEFT_ALONE = [
     ("...ij,...jk->...ik", (3, 4, 5), (3, 5, 2), False, "ellipsis"),
     ("bij,bjk->bk", (3, 4, 5), (3, 5, 2), False, "summed within one operand"),
     ("bijm,bjkn->bikmn", (3, 4, 5, 2), (3, 5, 2, 2), False, "two free indices"),
+    ("ab,c->abc", (3, 4), (5,), True, "outer product"),
 ]
 
 

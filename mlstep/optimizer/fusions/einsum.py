@@ -73,6 +73,8 @@ def _plan(equation: str, b_const: bool, b_shape) -> tuple[str | None, str]:
     if b_const:
         if batch or b_shape is None or len(b_shape) != len(right):
             return None, f"equation {equation!r}: the constant operand shares batch indices"
+        if not contracted:
+            return None, f"equation {equation!r}: an outer product (nothing contracted)"
         if [i for i in out if i in left] != [i for i in left if i not in contracted] or \
                 out[len(out) - sum(i in right for i in out):] != "".join(i for i in right if i not in contracted):
             return None, f"equation {equation!r}: the result does not keep the operands' free index order"
