@@ -227,8 +227,9 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
     model_path = src.resolved.local_path
     names, notes = variant_builder.plan(settings.precisions, src.precision)
     with _stage(listener, "optimize", model_path.name) as note:
-        optimized = _optimize(src.model, options, model_path)
+        optimized = _optimize(src.model, options, model_path, (settings.sequence_length,))
         note(_fusion_text(optimized.fusions))
+    notes = list(notes) + list(optimized.detected.notes)     # options the graph overruled
     warnings = gates.unfused_warnings(optimized.coverage)
     with _stage(listener, "variants", ", ".join(names)):
         paths, fusions = variant_builder.build_variants(optimized.model, names, staging, source=src.precision)
@@ -385,10 +386,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
     return registry.resolve_local(source)
 
 
-def _optimize(model, options: OptimizeOptions, model_path: Path):
+def _optimize(model, options: OptimizeOptions, model_path: Path, sequence_lengths: tuple[int, ...]):
     from mlstep.optimizer import optimize
 
-    return optimize(model, options, source_dir=model_path.parent)
+    return optimize(model, options, source_dir=model_path.parent, sequence_lengths=sequence_lengths)
 
 
 def validate(model_path: Path, paths: dict[str, Path], cases, providers) -> tuple[dict, list[str]]:

@@ -29,12 +29,16 @@ PASSING = {
     "embed_layer_norm_format9_opset13", "embed_layer_norm_format3_no_cast",
     "embed_layer_norm_format3_no_cast_opset13", "bert_attention", "bert_pruned_attention",
     "bert_attention_reverse_add_order", "keras_bert_squad",
+    "bert_attention_varied_qkv", "bert_attention_varied_qkv_wrong_args", "bert_3d_attention_tf2onnx",
+    "keras_bert_mrpc_opset10",
 }
 # One entry per layout class, run always: ReduceSum mask index + Range positions behind -1 dims and unsorted nodes,
 # a mask built from the ids' shape, several embeddings, ai.onnx default domain, GPT-2 with past (Reshape(-1, S) ids,
-# embedding sum read by the residual: must not crash). keras2onnx (Tensordot, Sub(mean, x)) runs under -m slow.
+# embedding sum read by the residual: must not crash), Q/K/V of different widths with wrong num_heads/hidden_size
+# given, tf2onnx Einsum attention. keras2onnx (Tensordot, Sub(mean, x), Mul(scale, scores)) runs under -m slow.
 FAST = ["embed_layer_norm_format8", "embed_layer_norm_format9", "embed_layer_norm_format3_no_cast_opset13",
-        "embed_layer_norm_multiple", "bert_attention", "gpt2_past_mask_one_layer"]
+        "embed_layer_norm_multiple", "bert_attention", "gpt2_past_mask_one_layer",
+        "bert_attention_varied_qkv_wrong_args", "bert_3d_attention_tf2onnx"]
 
 pytestmark = pytest.mark.skipif(not RUNNER.is_file(), reason=f"the peer suite is not checked out at {SUITE}")
 

@@ -18,8 +18,8 @@ from mlstep.optimizer.detect import Detected
 from mlstep.validate import check_parity, synthesize_inputs
 
 BERT_LAYOUTS = [("dynamo", 18, "sdpa"), ("torchscript", 14, "eager")]
-FUSIONS_IN_ORDER = ("gemm_to_matmul", "tensordot", "layer_norm", "layer_norm_tf", "gelu", "fast_gelu", "attention",
-                    "causal_attention", "embed_layer_norm", "skip_layer_norm")
+FUSIONS_IN_ORDER = ("gemm_to_matmul", "tensordot", "einsum", "layer_norm", "layer_norm_tf", "gelu", "fast_gelu",
+                    "attention", "causal_attention", "embed_layer_norm", "skip_layer_norm")
 FULLY_FUSED = {"Attention": 2, "BiasGelu": 2, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}
 
 
@@ -120,10 +120,13 @@ def test_unknown_fusion_name_is_refused(bert):
 def test_num_heads_explicit(bert):
     result = optimize_file(bert, OptimizeOptions(num_heads=4))
     assert result.detected.num_heads == 4 and result.fusions == FULLY_FUSED
-    with pytest.raises(UsageError, match="contradicts"):
-        optimize_file(bert, OptimizeOptions(num_heads=8))
-    with pytest.raises(UsageError, match="does not divide"):
-        optimize_file(bert, OptimizeOptions(num_heads=5))
+    # a count the graph's head split contradicts: the graph's is used, and said (not silent, not an error)
+    overruled = optimize_file(bert, OptimizeOptions(num_heads=8, hidden_size=16))
+    assert overruled.detected.num_heads == 4 and overruled.detected.hidden_size == 32
+    assert overruled.fusions == FULLY_FUSED
+    assert overruled.detected.notes == ("hidden_size 16 contradicts the graph: used its hidden size 32",
+                                        "num_heads 8 contradicts the graph: used its 4 heads")
+    assert set(overruled.detected.notes) <= set(overruled.summary_lines())
 
 
 def _softmax_over_queries(model: ir.Model) -> ir.Model:

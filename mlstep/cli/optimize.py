@@ -82,10 +82,12 @@ ModelTypeOpt = Annotated[ModelType, typer.Option(
          "auto detects it from the graph.")]
 NumHeadsOpt = Annotated[int, typer.Option(
     "--num-heads", metavar="N", rich_help_panel=OPT,
-    help="Attention heads; 0 detects from the graph. A value that contradicts the graph is an error.")]
+    help="Attention heads; 0 detects from the graph. Where the graph shows another count, the graph's is used "
+    "(the report says so).")]
 HiddenSizeOpt = Annotated[int, typer.Option(
     "--hidden-size", metavar="N", rich_help_panel=OPT,
-    help="Hidden size; 0 detects from the graph. Must be divisible by --num-heads.")]
+    help="Hidden size; 0 detects from the graph (whose size wins, said in the report). Must be divisible by "
+    "--num-heads.")]
 InputInt32Opt = Annotated[bool, typer.Option(
     "--input-int32", rich_help_panel=OPT,
     help="Take token ids and masks as int32 instead of int64 (what ONNX Runtime's fused operators use).")]
@@ -274,6 +276,8 @@ def _print_summary(result, verbose: bool) -> None:
     console = Console(highlight=False, width=wide)
     report = result.report
     if verbose:
+        for note in report.get("notes") or []:
+            console.print(f"note: {note}", markup=False)
         for entry in result.fusion_log:
             _err(f"{entry.name}: fused {entry.fused}")
             for reason in entry.refused:

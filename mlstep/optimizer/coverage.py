@@ -56,7 +56,8 @@ class Census:
     skip_layer_norm = a layer norm of a sum of two activations (a residual), less the embedding's;
     gelu = Erf, or a Tanh of a cubic (``x + 0.044715 x^3``); embedding = a layer norm of a sum that reads a
     word-embedding table (a Gather of a 2-D integer graph input), one per embedding (encoders: GPT-2's embedding
-    sum is a skip layer norm's input)."""
+    sum is a skip layer norm's input), or such a sum the source already feeds to a fused SkipLayerNormalization
+    (ONNX Runtime's GPT-2 embedding test graphs)."""
 
     anchors: dict[str, list]      # kind -> anchor nodes
 
@@ -75,6 +76,9 @@ def census(model, model_type: str) -> Census:
     # one graph are several blocks); GPT-2's embedding sum is its first skip layer norm's input
     embedding = [] if model_type == "gpt2" else [n for n in residual if _sums_an_embedding(n.inputs[0], graph)]
     skip = [n for n in residual if n not in embedding]
+    # an embedding sum the source already feeds to a fused SkipLayerNormalization is an embedding block too
+    embedding += [n for n in graph if n.op_type == "SkipLayerNormalization" and n.domain == "com.microsoft"
+                  and any(_sums_an_embedding(v, graph) for v in n.inputs[:2])]
     return Census({"attention": softmax, "embedding": embedding, "layer_norm": norms, "skip_layer_norm": skip,
                    "gelu": gelu})
 

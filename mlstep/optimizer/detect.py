@@ -4,7 +4,8 @@ Cases handled: hidden size from the square projection weights (BERT's Q/K/V/O, G
 LayerNorm scale length; head size from the reshape that splits heads (a constant shape or a Concat of
 pieces ending in ``[num_heads, head_size]``); model type from the producer (tf2onnx: ``bert_keras`` when
 the graph is a Keras functional model's, see ``_keras_scoped``, else ``bert_tf``) and weight names
-(GPT-2's ``c_attn``). An explicit option that contradicts the graph is an error, not a silent override.
+(GPT-2's ``c_attn``). An explicit option that contradicts what the graph shows is overruled by the graph (the
+fused ops must compute what the graph computes), never silently: ``Detected.notes`` says what was used.
 """
 from __future__ import annotations
 
@@ -24,24 +25,27 @@ class Detected:
     model_type: str
     num_heads: int
     hidden_size: int
+    notes: tuple[str, ...] = ()     # where the graph overruled a given option (said in the report and --verbose)
 
 
 def detect(model: ir.Model, options: OptimizeOptions) -> Detected:
     hidden = _hidden_size(model)
     heads = _num_heads(model, hidden)
+    notes = []
     if options.hidden_size:
         if hidden and options.hidden_size != hidden:
-            raise UsageError(f"hidden_size {options.hidden_size} contradicts the graph (hidden size {hidden})")
-        hidden = options.hidden_size
+            notes.append(f"hidden_size {options.hidden_size} contradicts the graph: used its hidden size {hidden}")
+        else:
+            hidden = options.hidden_size
     if options.num_heads:
-        if hidden and hidden % options.num_heads:
-            raise UsageError(f"num_heads {options.num_heads} does not divide hidden_size {hidden}")
         if heads and options.num_heads != heads:
-            raise UsageError(f"num_heads {options.num_heads} contradicts the graph ({heads} heads of size "
-                             f"{hidden // heads})")
-        heads = options.num_heads
+            notes.append(f"num_heads {options.num_heads} contradicts the graph: used its {heads} heads")
+        elif hidden and hidden % options.num_heads:
+            raise UsageError(f"num_heads {options.num_heads} does not divide hidden_size {hidden}")
+        else:
+            heads = options.num_heads
     model_type = options.model_type if options.model_type != "auto" else _model_type(model)
-    return Detected(model_type, heads, hidden)
+    return Detected(model_type, heads, hidden, tuple(notes))
 
 
 def _model_type(model: ir.Model) -> str:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 MODEL_TYPES = ("auto", "bert", "gpt2", "bert_tf", "bert_keras")
 OPT_LEVELS = (0, 1, 2, 99)
-FUSIONS = ("gemm_to_matmul", "tensordot", "layer_norm", "layer_norm_tf", "skip_layer_norm", "gelu", "fast_gelu",
-           "attention", "embed_layer_norm")
+FUSIONS = ("gemm_to_matmul", "tensordot", "einsum", "layer_norm", "layer_norm_tf", "skip_layer_norm", "gelu",
+           "fast_gelu", "attention", "embed_layer_norm")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class OptimizeResult:
     def summary_lines(self) -> list[str]:
         """Coverage per block kind (``attention 1/2: layer 1: <reason>``), then each fusion's count; a fusion
         that fused nothing says why (its refusals, its kind's miss, or that the graph has no such form)."""
-        lines = [f"repaired on load: {repair}" for repair in self.repairs]
+        lines = [f"repaired on load: {repair}" for repair in self.repairs] + list(self.detected.notes)
         lines += [c.line() for c in self.coverage.values() if c.detected or c.fused]
         misses = {name: c.misses[0] for c in self.coverage.values() if c.misses
                   for name in EXPLAINED_BY.get(c.kind, ())}
@@ -53,8 +53,9 @@ class OptimizeResult:
 
 
 def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), source_dir: Path | None = None,
-             ) -> OptimizeResult:
-    """Fuse ``model`` in place and return it with what was detected and fused."""
+             sequence_lengths: tuple[int, ...] = ()) -> OptimizeResult:
+    """Fuse ``model`` in place and return it with what was detected and fused. ``sequence_lengths``: the lengths
+    the model will be run at (the step's validation and benchmark shapes); masks are probed there too."""
     start = time.perf_counter()
     options.validate()
     if options.opt_level:
@@ -62,7 +63,8 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
     prepare(model)
     detected = detect(model, options)
     blocks = census(model, detected.model_type)     # the blocks to fuse, counted before any fusion
-    ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu)
+    ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu,
+                        tuple(sequence_lengths))
     log, traced = [], {}
     for fusion in FUSION_ORDER:
         if fusion.name in options.disabled_fusions:

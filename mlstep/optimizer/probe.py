@@ -4,12 +4,14 @@ Fusions use it where a structural match cannot prove semantics: the additive att
 a padding mask built from one 2-D input, whatever ops the exporter used to build it?) and position ids
 (are they exactly ``arange(sequence)``?). The subgraph of the value's ancestors is cut out, run in ONNX
 Runtime on a few crafted inputs, and compared with the semantics the fused operator assumes. Masks are probed
-at short and long total lengths (one >= ``LONG_PROBE``): a mask that equals the assumed one only on short
-sequences (a sliding window of width 10) is refused, not fused.
+at short and long total lengths (one >= ``LONG_PROBE``) and at the user's own sequence lengths (``lengths``:
+the shapes the step validates and benchmarks): a mask that equals the assumed one only on short sequences (a
+sliding window of width 10), or everywhere but at the user's length, is refused, not fused.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -141,16 +143,24 @@ def _expand_bias(out: np.ndarray, batch: int, seq: int, total: int) -> tuple[np.
         return None, f"the attention mask has shape {out.shape}, not a [batch, 1, {seq}, {total}] broadcast"
 
 
-def padding_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, float, str]:
+def padding_probes(lengths: Sequence[int] = ()) -> tuple[tuple[int, int], ...]:
+    """(batch, sequence) probes: the fixed short and long ones, plus the user's own sequence lengths (a mask that
+    departs from the assumed one only at the user's length is seen doing so)."""
+    known = {seq for _, seq in PADDING_PROBES}
+    return PADDING_PROBES + tuple((3, int(n)) for n in dict.fromkeys(lengths) if n >= 2 and n not in known)
+
+
+def padding_mask_source(model: ir.Model, bias: ir.Value, lengths: Sequence[int] = (),
+                        ) -> tuple[ir.Value | None, float, str]:
     """If ``bias`` equals ``(1 - mask[:, None, None, :]) * fill`` (fill a large negative value) for a 2-D graph
     input ``mask`` (plus, at most, one uniform offset of magnitude <= SOFTMAX_SHIFT_LIMIT on every position),
     return that input and ``fill`` (the fused op reproduces it, so that even a row with nothing to attend to
-    matches). Otherwise (None, 0, reason)."""
+    matches). Otherwise (None, 0, reason). ``lengths``: the user's sequence lengths, probed too."""
     anc, source, reason = _mask_input(model, bias)
     if source is None:
         return None, 0.0, reason
     feeds_list, masks = [], []
-    for batch, seq in PADDING_PROBES:
+    for batch, seq in padding_probes(lengths):
         mask = _masks(batch, seq)
         feeds = {}
         for v in anc.data_inputs + anc.shape_inputs:
@@ -210,17 +220,22 @@ def _shape_feed(value: ir.Value, batch: int, seq: int, past: int, total: int) ->
     return np.zeros([batch, seq] + [d if isinstance(d, int) else 1 for d in value.shape[2:]], dtype=dtype)
 
 
-def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None, float, str]:
+def causal_mask_source(model: ir.Model, bias: ir.Value, lengths: Sequence[int] = (),
+                       ) -> tuple[ir.Value | None, float, str]:
     """If ``bias`` is a causal mask combined with the padding mask of one 2-D input spanning past + current
     tokens -- 0 where ``mask[b, j] == 1 and j <= past + i``, a large negative value elsewhere -- return that
     input and the negative fill value (the fused op reproduces it, so that even rows with nothing to attend
-    to match the original). Otherwise (None, 0, reason)."""
+    to match the original). Otherwise (None, 0, reason). ``lengths``: the user's sequence lengths, probed too
+    (as the whole prompt, and with past as one new token after a prompt of that length)."""
     anc, source, reason = _mask_input(model, bias)
     if source is None:
         return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
     shapes = CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
+    users = [(2, int(n), 0) for n in dict.fromkeys(lengths) if n >= 2]
+    users += [(2, 1, int(n)) for n in dict.fromkeys(lengths) if n >= 1 and has_past]
+    shapes = shapes + tuple(shape for shape in users if shape not in shapes)
     feeds_list, masks = [], []
     for batch, seq, past in shapes:
         mask = _masks(batch, past + seq)
@@ -245,3 +260,25 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
             return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
         fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
     return source, fill, ""
+
+
+def per_key_bias(model: ir.Model, bias: ir.Value, lengths: Sequence[int] = ()) -> str:
+    """"" if ``bias`` is an additive bias computed from one 2-D input that is the same for every query and
+    every head (probed shape [batch or 1, 1, 1, total]: ORT Attention's ``attention_bias`` once expanded over the
+    queries, whatever its values), else the reason. Used where the bias is not a padding mask."""
+    anc, source, reason = _mask_input(model, bias)
+    if source is None:
+        return reason
+    feeds_list, shapes = [], []
+    for batch, seq in padding_probes(lengths):
+        mask = _masks(batch, seq)
+        feeds_list.append({v.name: (mask if v is source else np.zeros((batch, seq), np.int64)).astype(
+            _NP.get(v.dtype, np.int64)) for v in anc.data_inputs + anc.shape_inputs})
+        shapes.append((batch, seq))
+    outs, reason = _run_mask(model, bias, feeds_list)
+    if outs is None:
+        return reason
+    for (batch, seq), out in zip(shapes, outs):
+        if out.ndim != 4 or out.shape[0] not in (1, batch) or out.shape[1:] != (1, 1, seq):
+            return f"the attention bias has shape {out.shape}, not [{batch} or 1, 1, 1, {seq}] (one row per key)"
+    return ""

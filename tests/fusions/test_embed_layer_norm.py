@@ -14,6 +14,7 @@ from test_attention import MASKS, _const, assert_parity, feeds_for, graph_input_
 from test_gelu import CTX, ops
 
 from mlstep.export import ENCODER_FAMILIES, ExportSpec, build_model, export_encoder, tiny_config
+from mlstep.optimizer.coverage import census
 from mlstep.optimizer.fusions import layer_norm
 from mlstep.optimizer.fusions._base import MS_DOMAIN, run_fusion
 from mlstep.optimizer.fusions.embed_layer_norm import FUSION
@@ -256,6 +257,8 @@ def test_broadcast_arange_positions_and_reduce_sum_mask_index_fuse():
 def test_embeddings_summed_by_a_skip_layer_norm_fuse():
     """GPT-2 embedding graphs of ORT's tests: the word + position sum already fused as SkipLayerNormalization."""
     proto = _embedding_graph("expand", root="sln")
+    for model_type in ("gpt2", "bert"):     # the coverage census sees that embedding block (not "nothing to fuse")
+        assert census(prepare(ir.serde.deserialize_model(proto)), model_type).counts()["embedding"] == 1
     model, log = _handmade_fused(proto)
     assert log.fused == 1 and ops(model)[(MS_DOMAIN, "SkipLayerNormalization")] == 0
     _assert_handmade_parity(proto, model)

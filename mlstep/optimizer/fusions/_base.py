@@ -25,6 +25,7 @@ class FusionContext:
     num_heads: int = 0
     hidden_size: int = 0
     use_gpu: bool = False
+    sequence_lengths: tuple[int, ...] = ()   # the user's sequence lengths: masks are probed there too
 
 
 @dataclass
