@@ -27,6 +27,11 @@ from _common import (PY, ROOT, check_loads, dir_size, export_bert, export_gpt2_p
                      mlstep_cli, short_error)
 
 
+_OPTIMIZE_ONLY = ("import sys; sys.path.insert(0, %r); from mlstep.optimizer import optimize_file; "
+                  "from mlstep.optimizer.io import save; save(optimize_file(sys.argv[1]).model, sys.argv[2])"
+                  % str(ROOT))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpt2", action="store_true", help="GPT-2 with past at GPT-2-large width (issue 13)")
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args.heads = args.heads or (20 if args.gpt2 else 16)
 
     rows = []
+    optimizer_only: dict[int, str] = {}
     for layers in [int(x) for x in args.layers.split(",")]:
         work = Path(tempfile.mkdtemp(prefix=f"mlstep-scale{layers}-", dir="/tmp"))
         try:
@@ -72,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"{dir_size(written.parent) / 2**20:.0f}", check_loads(written)))
             print(f"[{layers} layers] mlstep {r['wall_s']:.1f} s, {r['rss_mib']:.0f} MiB", file=sys.stderr,
                   flush=True)
+            # the optimizer alone (load, fuse, save; no ONNX Runtime session): what the step's ORT load checks add
+            opt = measure_child([PY, "-c", _OPTIMIZE_ONLY, str(model), str(work / "only" / "model.onnx")])
+            optimizer_only[layers] = (f"{opt['wall_s']:.1f} s / {opt['rss_mib']:.0f} MiB" if opt["rc"] == 0
+                                      else f"error: {short_error(opt['stderr'])}")
+            shutil.rmtree(work / "only", ignore_errors=True)
+            print(f"[{layers} layers] optimizer only {optimizer_only[layers]}", file=sys.stderr, flush=True)
             if args.breakdown == layers:
                 shutil.rmtree(out, ignore_errors=True)
                 b = measure_child([PY, str(ROOT / "benchmarks" / "_breakdown.py"), str(model),
@@ -89,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         k = int(l1) / int(l0)
         lines.append(f"\n{l0}->{l1} layers (x{k:.0f}): time x{float(t1) / float(t0):.2f}, "
                      f"peak RSS x{float(m1) / float(m0):.2f}")
+    if optimizer_only:
+        lines.append("\noptimizer alone (load, fuse, save; no ONNX Runtime session), wall / peak RSS: "
+                     + "; ".join(f"{k} layers {v}" for k, v in optimizer_only.items()))
     for r in ok:
         if float(r[1]) > 2000:
             lines.append(f"{r[0]} layers ({float(r[1]) / 1024:.2f} GiB): peak RSS {float(r[3]) / 1024:.2f} GiB "
