@@ -257,8 +257,8 @@ def _forms_section(report: Mapping) -> list[str]:
     lines = ["", "## Form", "", f"- chosen: **{forms['chosen']}** ({forms['reason']})"]
     if forms["measured"]:
         session = forms["session"]
-        lines.append(f"- measured on {forms['provider']}, session graph optimization {session['graph_optimization_level']}"
-                     f" (ONNX Runtime's own fusions on every form), {session['intra_op_threads']} intra-op threads "
+        lines.append(f"- measured on {forms['provider']}, session graph optimization "
+                     f"{session['graph_optimization_level']} (ONNX Runtime's own fusions on every form), {session['intra_op_threads']} intra-op threads "
                      f"({session['threads_setting']}), interleaved rounds, median; {forms['seconds']:.2f} s")
     shapes = forms["shapes"]
     rows = []
