@@ -125,6 +125,20 @@ def export_bert(out: str | os.PathLike, layers: int = 12, hidden: int = 768, hea
     return measure_child([PY, "-c", code], timeout=timeout)
 
 
+def export_gpt2_past(out: str | os.PathLike, layers: int = 36, n_embd: int = 1280, heads: int = 20,
+                     timeout: float = 3600) -> dict:
+    """Export a random-weight GPT2LMHeadModel with past (dynamo 18, external data), in a fresh child process."""
+    code = (
+        "import sys, logging, warnings; sys.path.insert(0, %r); logging.disable(logging.WARNING);"
+        "warnings.simplefilter('ignore');"
+        "import transformers as tf; from mlstep.export import build_gpt2, export_gpt2;"
+        "cfg = tf.GPT2Config(n_layer=%d, n_embd=%d, n_head=%d); cfg._attn_implementation = 'sdpa';"
+        "export_gpt2(build_gpt2(cfg), %r, 'dynamo', 18, with_past=True, external_data=True)"
+    ) % (str(ROOT), layers, n_embd, heads, str(out))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return measure_child([PY, "-c", code], timeout=timeout)
+
+
 def dir_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 

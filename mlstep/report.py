@@ -10,6 +10,10 @@ MLflow)::
      "runtime": {"providers": [...], "use_gpu", "gpu_fallback": "--use-gpu: ran on the CPU because ..." | null},
      "coverage": {"state", "reason", "blocks": {kind: {"detected", "fused", "misses"}}},
      "notes": [...],
+     "forms": {"chosen", "reason", "measured", "provider", "session": {"graph_optimization_level",
+               "intra_op_threads", "threads_setting"}, "shapes", "seconds", "candidates": [{"name",
+               "description", "disabled_fusions", "fusions", "parity": {"passed", "max_abs_diff"},
+               "median_ms": {shape: ms}, "rounds", "iterations", "relative_to_fused", "chosen"}]} | null,
      "variants": {"fp32": {"path", "fusions": {op: count},
                            "parity": {"max_abs_diff", "passed", "worst_output", "worst_case", "cases"},
                            "latency_ms": {"median", "p90", "p95", "baseline_median", "speedup",
@@ -80,6 +84,7 @@ class RunFacts:
     notes: Sequence[str] = ()
     mlflow: Mapping[str, Any] | None = None
     runtime: Mapping[str, Any] | None = None    # {"providers", "use_gpu", "gpu_fallback": one line | None}
+    forms: Mapping[str, Any] | None = None                       # mlstep.forms.Selection.as_dict()
 
 
 def build(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any) -> dict:
@@ -97,6 +102,7 @@ def build(facts: RunFacts, verdicts: Mapping[str, Any], coverage_verdict: Any) -
                      "blocks": {kind: {"detected": c.detected, "fused": c.fused, "misses": list(c.misses)}
                                 for kind, c in facts.coverage.items()}},
         "notes": list(facts.notes),
+        "forms": dict(facts.forms) if facts.forms is not None else None,
         "variants": {name: _variant(v, verdicts[name]) for name, v in facts.variants.items()},
     }
     return _clean(report)
@@ -222,6 +228,7 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
         lines += [""] + _md_table(["block", "fused / detected", "unfused (why)"], [
             [kind, f"{b['fused']}/{b['detected']}", "; ".join(b["misses"]) or "-"] for kind, b in blocks.items()])
     lines += [f"- note: {note}" for note in report.get("notes") or []]
+    lines += _forms_section(report)
     lines += ["", "## Parity", ""]
     lines += _md_table(["variant", "max |diff|", "worst output", "worst case", "cases", "result"], [
         [n, "-" if v["parity"]["max_abs_diff"] is None else f"{v['parity']['max_abs_diff']:.3e}",
@@ -262,6 +269,35 @@ def _runtime_lines(report: Mapping) -> list[str]:
     if line is None:
         return []
     return [f"- runtime: **{line}**" if report["runtime"].get("gpu_fallback") else f"- runtime: {line}"]
+
+
+def _forms_section(report: Mapping) -> list[str]:
+    """The form selection: candidates, their parity and timings, the choice and the session settings measured."""
+    forms = report.get("forms")
+    if not forms:
+        return []
+    lines = ["", "## Form", "", f"- chosen: **{forms['chosen']}** ({forms['reason']})"]
+    if forms["measured"]:
+        session = forms["session"]
+        lines.append(f"- measured on {forms['provider']}, session graph optimization "
+                     f"{session['graph_optimization_level']} (ONNX Runtime's own fusions on every form), {session['intra_op_threads']} intra-op threads "
+                     f"({session['threads_setting']}), interleaved rounds, median; {forms['seconds']:.2f} s")
+    shapes = forms["shapes"]
+    rows = []
+    for c in forms["candidates"]:
+        parity = c["parity"]
+        rows.append([("**" + c["name"] + "**") if c["chosen"] else c["name"],
+                     ", ".join(f"{op} {n}" for op, n in c["fusions"].items()) or "none",
+                     "-" if parity["passed"] is None else
+                     f"{'passed' if parity['passed'] else 'FAILED'} ({_num_e(parity['max_abs_diff'])})",
+                     *[_num(c["median_ms"].get(s)) for s in shapes],
+                     "-" if c["relative_to_fused"] is None else f"{c['relative_to_fused']:.3f}"])
+    lines += [""] + _md_table(["form", "fused ops", "parity", *[f"{s} ms" for s in shapes], "time / fused"], rows)
+    return lines
+
+
+def _num_e(value) -> str:
+    return "-" if value is None else f"{value:.1e}"
 
 
 def _resolution(report: Mapping) -> str:

@@ -1,11 +1,15 @@
 """The optimize step, a coordinator: each stage takes what the one before produced and edits nothing.
 
-    resolve -> optimize -> variants -> verify (parity, latency) -> decide -> report -> publish -> commit
+    resolve -> optimize -> forms -> variants -> verify (parity, latency) -> decide -> report -> publish -> commit
 
 - resolve (:mod:`mlstep.registry`): the source (a file, an MLflow model directory, ``runs:/``,
   ``models:/``) made local; the model loaded and checked (not ONNX, external data escaping, ONNX Runtime
   refusing it: exit 2 before anything is written); the output guard taken (:mod:`mlstep.outdir`).
 - optimize (:mod:`mlstep.optimizer`): fusions, with per-kind block coverage.
+- forms (:mod:`mlstep.forms`): the fused form, attention left unfused, no fusion: each parity-checked and
+  timed interleaved at the gated shape on the target provider; the fastest passing form becomes the variants
+  (``StepSettings.form``: ``auto`` measures; a form name forces it; off with --skip-benchmark or
+  --skip-validation, which keep the fused form).
 - variants (:mod:`mlstep.variants`): fp32 / fp16 written into the staging folder, each load-checked in ONNX
   Runtime (a variant that does not load is mlstep's bug: exit 3, the model kept aside).
 - verify: parity at the user's shapes, a long sequence and, with past, past {1, 17} x new {1, 8}
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlstep import gates, outdir, registry, report, runtime
+from mlstep import forms, gates, outdir, registry, report, runtime
 from mlstep.errors import GateFailedError, RegistryError, UsageError
 from mlstep.optimizer.options import OptimizeOptions
 from mlstep.redact import scrub
@@ -50,7 +54,7 @@ from mlstep.variants import MODEL_FILE, PRECISIONS
 
 LATENCY_DIR = "latency"        # the gates' benchmark.json, gates.json, latency.png
 MLFLOW_SCHEMES = registry.MLFLOW_SCHEMES
-STAGES = ("resolve", "optimize", "variants", "parity", "latency", "report", "register", "commit")
+STAGES = ("resolve", "optimize", "forms", "variants", "parity", "latency", "report", "register", "commit")
 REPORT_FILES = ("report.json", "report.md")
 SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 
@@ -72,6 +76,7 @@ class StepSettings:
     gate_fp16_on_cpu: bool = False         # fp16 timed on the CPU is reported, not gated, unless this is set
     allow_partial_fusion: bool = False     # coverage gate: accept detected blocks that stayed unfused
     remeasure: int = 2                     # latency gate: re-measurements of a borderline result
+    form: str = "auto"                     # auto: measure the forms (mlstep.forms); or one of forms.FORMS
 
     def checked(self) -> "StepSettings":
         unknown = [p for p in self.precisions if p not in PRECISIONS]
@@ -83,6 +88,9 @@ class StepSettings:
             raise UsageError(f"batch size must be >= 2 for validation (padding on both sides), got {self.batch_size}")
         if self.batch_size < 1 or self.sequence_length < 1:
             raise UsageError("batch size and sequence length must be >= 1")
+        from mlstep.forms import AUTO, FORMS
+        if self.form not in (AUTO, *FORMS):
+            raise UsageError(f"unknown form {self.form!r} (choose from {', '.join((AUTO, *FORMS))})")
         # Keep the order of PRECISIONS and drop repeats: "--precision fp16 --precision fp32 --precision fp16".
         return dataclasses.replace(self, precisions=tuple(p for p in PRECISIONS if p in self.precisions))
 
@@ -91,7 +99,8 @@ class StepSettings:
                 "skip_benchmark": not self.benchmark, "batch_size": self.batch_size,
                 "sequence_length": self.sequence_length, "warmup": self.warmup, "repeat": self.repeat,
                 "max_slowdown": self.max_slowdown, "min_speedup": self.min_speedup, "require_gpu": self.require_gpu,
-                "gate_fp16_on_cpu": self.gate_fp16_on_cpu, "allow_partial_fusion": self.allow_partial_fusion}
+                "gate_fp16_on_cpu": self.gate_fp16_on_cpu, "allow_partial_fusion": self.allow_partial_fusion,
+                "form": self.form}
 
 
 @dataclass(frozen=True)
@@ -231,8 +240,12 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
         note(_fusion_text(optimized.fusions))
     notes = list(notes) + list(optimized.detected.notes)     # options the graph overruled
     warnings = gates.unfused_warnings(optimized.coverage)
+    with _stage(listener, "forms") as note:
+        selection = _select_form(src, optimized, options, settings, providers, staging)
+        note(f"{selection.chosen}" + (f" ({_form_text(selection)})" if selection.measured else ""))
     with _stage(listener, "variants", ", ".join(names)):
-        paths, fusions = variant_builder.build_variants(optimized.model, names, staging, source=src.precision)
+        paths, fusions = variant_builder.build_variants(selection.candidate(selection.chosen).model, names, staging,
+                                                        source=src.precision)
         for name, path in paths.items():
             runtime.load_check(path, name, providers)
     parity, latency = {}, None
@@ -256,6 +269,7 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
         optimizer_seconds=optimized.seconds, coverage=dict(optimized.coverage), notes=notes,
         runtime={"providers": list(providers), "use_gpu": options.use_gpu,
                  "gpu_fallback": runtime.gpu_fallback(options.use_gpu)},
+        forms=selection.as_dict(),
         variants={name: report.VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
                                             parity=parity.get(name),
                                             latency=latency.variants.get(name) if latency else None,
@@ -290,6 +304,9 @@ def _publish(src: _Source, facts, verdicts, coverage, paths, staging: Path, publ
     draft = report.build(facts, verdicts, coverage)       # the request reads options, figures and gate.passed
     request = registry.request_from_report(draft, src.resolved, paths, register_as=src.register_as,
                                            aliases=publish.alias_map, experiment=publish.experiment)
+    params, metrics = forms.mlflow_fields(draft.get("forms"))   # the form choice and its timings in the run
+    request = dataclasses.replace(request, params={**request.params, **params},
+                                  metrics={**request.metrics, **metrics})
     pub = registry.publish(src.store, request)
     recorded = registry.record(src.store, src.resolved, src.register_as, pub)
     rendered = report.render(_published(facts, recorded, pub), verdicts, coverage, staging, fusion_log)
@@ -390,6 +407,48 @@ def _optimize(model, options: OptimizeOptions, model_path: Path, sequence_length
     from mlstep.optimizer import optimize
 
     return optimize(model, options, source_dir=model_path.parent, sequence_lengths=sequence_lengths)
+
+
+def _select_form(src: _Source, optimized, options: OptimizeOptions, settings: StepSettings, providers: list[str],
+                 staging: Path):
+    """The form of the optimized model the variants are made from (see :mod:`mlstep.forms`).
+
+    The candidates are written under ``staging/.forms`` and removed once chosen (the chosen one's model is kept
+    in memory for the variants stage). Off (the fused form, not measured) with --skip-benchmark or
+    --skip-validation: a form is chosen only on measurements, among forms proved to compute the same function.
+    """
+    import shutil
+
+    fused = forms.Candidate(forms.FUSED, Path(), dict(optimized.fusions),
+                            tuple(sorted(options.disabled_fusions)), optimized.model)
+    if settings.form == forms.FUSED:
+        return forms.not_measured([fused], "forced (form fused)")
+    if settings.form == forms.AUTO and not (settings.benchmark and settings.validate):
+        off = "--skip-benchmark" if not settings.benchmark else "--skip-validation"
+        return forms.not_measured([fused], f"not measured ({off}): the fused form is kept")
+    work = staging / ".forms"
+    try:
+        wanted = None if settings.form == forms.AUTO else (forms.FUSED, settings.form)
+        candidates = forms.build_candidates(optimized.model, src.resolved.local_path, options, work, wanted)
+        if settings.form != forms.AUTO:
+            if not any(c.name == settings.form for c in candidates):
+                return forms.not_measured(candidates, f"form {settings.form} is the fused form for this model "
+                                                      "(nothing to leave unfused): fused kept")
+            return forms.not_measured(candidates, f"forced (form {settings.form})", chosen=settings.form)
+        cases = []
+        if src.cases:
+            from mlstep.validate.parity import runnable_cases
+            cases, reference, _ = runnable_cases(src.resolved.local_path, src.cases, providers=providers)
+        select = forms.SelectSettings(shapes=((settings.batch_size, settings.sequence_length),))
+        return forms.select(src.resolved.local_path, candidates, cases, providers, select,
+                            reference_outputs=reference if cases else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _form_text(selection) -> str:
+    return ", ".join(f"{name} {t.median_ms:.2f} ms" for name, shapes in selection.timings.items()
+                     for t in shapes.values())
 
 
 def validate(model_path: Path, paths: dict[str, Path], cases, providers) -> tuple[dict, list[str]]:

@@ -17,7 +17,7 @@ _SCRIPT = Path(sys.executable).parent / "mlstep"
 MLSTEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from mlstep.cli.main import app; app()"]
 
 REPORT_KEYS = {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
-               "coverage", "notes", "runtime", "variants"}
+               "coverage", "notes", "runtime", "forms", "variants"}
 VARIANT_KEYS = {"path", "fusions", "parity", "latency_ms", "gate", "registered"}
 
 

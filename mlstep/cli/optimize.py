@@ -119,6 +119,10 @@ AliasFp16Opt = Annotated[str, typer.Option(
 ExperimentOpt = Annotated[Optional[str], typer.Option(
     "--experiment", metavar="NAME", show_default=False, rich_help_panel=REG,
     help="MLflow experiment of the step's run (default: MLFLOW_EXPERIMENT_NAME, else 'mlstep').")]
+FormOpt = Annotated[str, typer.Option(
+    "--form", metavar="auto|fused|attention-unfused|unfused", rich_help_panel=STEP,
+    help="Which form of the optimized model the variants are: 'auto' times every form that passes parity at "
+         "the gated shape on the target provider and keeps the fastest (mlstep.forms); a name forces it.")]
 DisableFusionOpt = Annotated[Optional[list[Fusion]], typer.Option(
     "--disable-fusion", case_sensitive=False, show_default=False, rich_help_panel=OPT,
     help="Turn one fusion off; repeat for several.")]
@@ -137,6 +141,7 @@ def optimize(
     require_gpu: RequireGpuOpt = False,
     gate_fp16_on_cpu: GateFp16CpuOpt = False,
     allow_partial_fusion: AllowPartialOpt = False,
+    form: FormOpt = "auto",
     warmup: WarmupOpt = 5,
     repeat: RepeatOpt = 30,
     model_type: ModelTypeOpt = ModelType.auto,
@@ -173,7 +178,8 @@ def optimize(
         validate=not skip_validation, benchmark=not skip_benchmark,
         batch_size=batch_size, sequence_length=sequence_length, warmup=warmup, repeat=repeat,
         max_slowdown=max_slowdown, min_speedup=min_speedup, require_gpu=require_gpu,
-        gate_fp16_on_cpu=gate_fp16_on_cpu, allow_partial_fusion=allow_partial_fusion)
+        gate_fp16_on_cpu=gate_fp16_on_cpu, allow_partial_fusion=allow_partial_fusion,
+        form=form)
     publish = step.PublishSettings(register=not no_register, register_as=register_as,
                                    aliases=(("fp32", alias_fp32), ("fp16", alias_fp16)), experiment=experiment)
     with _progress(verbose) as listener:
