@@ -83,8 +83,8 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
 
 def _kind_of(title: str, model_type: str) -> str | None:
     """The block kind a fusion's refusals explain (attention: the family's own form, encoder or causal)."""
-    if title in ("attention", "causal_attention"):
-        return "attention" if (title == "causal_attention") == (model_type == "gpt2") else None
+    if title in ("attention", "causal_attention", "packed_causal_attention"):
+        return "attention" if (title != "attention") == (model_type == "gpt2") else None
     return next((kind for kind, titles in EXPLAINED_BY.items() if title in titles), None)
 
 

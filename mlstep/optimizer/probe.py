@@ -26,9 +26,11 @@ class Ancestry:
     shape_inputs: list[ir.Value]    # graph inputs read only through Shape
 
 
-def ancestry(graph: ir.Graph, value: ir.Value) -> Ancestry:
+def ancestry(graph: ir.Graph, value: ir.Value, cuts: tuple[ir.Value, ...] = ()) -> Ancestry:
+    """The nodes ``value`` is computed by, back to the graph inputs (and to the ``cuts``: values taken as
+    inputs, so that a probe of one step of a block does not run the whole model before it)."""
     order = {id(n): i for i, n in enumerate(graph)}
-    graph_inputs = {id(v) for v in graph.inputs}
+    graph_inputs = {id(v) for v in graph.inputs} | {id(v) for v in cuts}
     nodes: dict[int, ir.Node] = {}
     data: dict[int, ir.Value] = {}
     shape: dict[int, ir.Value] = {}
@@ -53,11 +55,13 @@ def ancestry(graph: ir.Graph, value: ir.Value) -> Ancestry:
     return Ancestry(sorted(nodes.values(), key=lambda n: order.get(id(n), 0)), list(data.values()), only_shape)
 
 
-def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Run the ancestors of ``value`` on each feed (keyed by graph input name)."""
+def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.ndarray]],
+             cuts: tuple[ir.Value, ...] = (), skip_failures: bool = False) -> list[np.ndarray | None]:
+    """Run the ancestors of ``value`` on each feed (keyed by graph input name, and by the names of ``cuts``);
+    with ``skip_failures`` a feed the subgraph cannot run gives None instead of raising."""
     import onnxruntime as ort
 
-    anc = ancestry(model.graph, value)
+    anc = ancestry(model.graph, value, cuts)
     proto_nodes, initializers, seen_init = [], [], set()
     for node in anc.nodes:
         proto_nodes.append(ir.serde.serialize_node(node))
@@ -69,7 +73,7 @@ def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.nda
     inputs = anc.data_inputs + anc.shape_inputs
     graph = onnx.helper.make_graph(
         proto_nodes, "probe",
-        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in inputs],
+        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype or ir.DataType.FLOAT), None) for v in inputs],
         [onnx.helper.make_value_info(value.name, onnx.TypeProto())], initializers)
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version or 8)
@@ -79,10 +83,18 @@ def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.nda
         proto = onnx.shape_inference.infer_shapes(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if skip_failures else 3   # an expected failure is not an error to log
     session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = {v.name for v in inputs}
-    return [session.run(None, {k: v for k, v in feeds.items() if k in names})[0] for feeds in feeds_list]
+    outs = []
+    for feeds in feeds_list:
+        try:
+            outs.append(session.run(None, {k: v for k, v in feeds.items() if k in names})[0])
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own classes from C++
+            if not skip_failures:
+                raise
+            outs.append(None)
+    return outs
 
 
 def _masks(batch: int, seq: int) -> np.ndarray:
@@ -207,6 +219,9 @@ def _shape_feed(value: ir.Value, batch: int, seq: int, past: int, total: int) ->
     if rank == 4:
         static = [d if isinstance(d, int) else 1 for d in value.shape]
         return np.zeros((batch, static[1], past, static[3]), dtype=dtype)
+    if rank == 5:   # stacked past key/value [2, batch, heads, past, head_size]
+        static = [d if isinstance(d, int) else 1 for d in value.shape]
+        return np.zeros((2, batch, static[2], past, static[4]), dtype=dtype)
     return np.zeros([batch, seq] + [d if isinstance(d, int) else 1 for d in value.shape[2:]], dtype=dtype)
 
 
@@ -245,3 +260,64 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
             return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
         fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
     return source, fill, ""
+
+
+def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: dict[ir.Value, str],
+                   with_past: bool) -> tuple[ir.Value | None, float, str]:
+    """Is the masking step ``scores -> masked`` (whatever ops an export spells it with) exactly causal
+    attention with an optional 2-D padding mask: ``masked = scores`` where key ``j <= past + i`` and
+    ``mask[b, j] == 1``, and a large negative value (<= -5000, gone after Softmax) elsewhere?
+
+    ``cuts`` are the block's values the step may read shapes from (the scores themselves, Q, K^T), each with
+    its layout over B (batch), N (heads), S (new tokens), T (past + new) and their size (d, the head size,
+    and N, are taken from the letters' values given as ``"BNSd:4:16"``); they are fed, so the probe runs only
+    the step itself. Scores are random, at the lengths of CAUSAL_PROBES(_WITH_PAST) (past 0 and > 0, totals up
+    to 73, left and right padding). Returns (the mask input or None when there is none, the fill to give the
+    fused op, "") or (None, 0, reason)."""
+    values = tuple(cuts)
+    anc = ancestry(model.graph, masked, values)
+    sources = [v for v in anc.data_inputs if all(v is not c for c in values)]
+    if len(sources) > 1:
+        return None, 0.0, f"the attention masking reads {[v.name for v in sources]}, not one mask input"
+    source = sources[0] if sources else None
+    if source is not None and (source.shape is None or len(source.shape) != 2 or source.dtype not in _NP):
+        return None, 0.0, f"the attention masking reads {source.name!r}, which is not a 2-D mask input"
+    rng = np.random.default_rng(0)
+    feeds_list, cases = [], []
+    for batch, seq, past in (CAUSAL_PROBES_WITH_PAST if with_past else CAUSAL_PROBES):
+        total = past + seq
+        mask = _masks(batch, total) if source is not None else np.ones((batch, total), dtype=np.int64)
+        feeds = {v.name: _shape_feed(v, batch, seq, past, total) for v in anc.shape_inputs
+                 if all(v is not c for c in values)}
+        sizes = {"B": batch, "S": seq, "T": total}
+        for value, layout in cuts.items():
+            letters, *dims = layout.split(":")
+            sizes.update({"N": int(dims[0]), "d": int(dims[1])} if dims else {})
+            shape = tuple(sizes[c] for c in letters)
+            feeds[value.name] = (rng.standard_normal(shape) * 4).astype(np.float32) if value is scores \
+                else np.zeros(shape, dtype=np.float32)
+        if source is not None:
+            feeds[source.name] = mask.astype(_NP[source.dtype])
+        feeds_list.append(feeds)
+        cases.append((mask, seq, past, feeds[scores.name]))
+    try:   # a length the step itself cannot run (a causal table of n_ctx rows) is one no input can have
+        outs = evaluate(model, masked, feeds_list, values, skip_failures=True)
+    except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
+        return None, 0.0, f"the attention masking could not be probed ({type(err).__name__})"
+    ran = [(case, out) for case, out in zip(cases, outs) if out is not None]
+    if len(ran) < 2 or (with_past and not any(past > 0 for (_, _, past, _), _ in ran)):
+        return None, 0.0, "the attention masking could not be probed (it fails on the probe lengths)"
+    fills = []
+    for (mask, seq, past, s), out in ran:
+        if out.shape != s.shape:
+            return None, 0.0, f"the attention masking gives shape {out.shape}, not the scores' {s.shape}"
+        total = past + seq
+        causal = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]
+        allow = np.broadcast_to(mask[:, None, None, :].astype(bool) & causal[None, None], s.shape)
+        if not np.allclose(out[allow], s[allow], rtol=1e-6, atol=0.0):
+            return None, 0.0, "the attention masking changes visible scores (not causal + padding)"
+        if np.any(out[~allow] > -5000.0):
+            return None, 0.0, "the attention masking does not block future or padded keys (not causal)"
+        fills += [float(np.median(out[~allow]))] if (~allow).any() else []
+    fill = max(min(fills, default=-10000.0), float(np.finfo(np.float32).min))
+    return source, round(fill, 0) if abs(fill) < 1e30 else fill, ""

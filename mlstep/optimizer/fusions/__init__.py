@@ -7,6 +7,7 @@ residual Add + LayerNorm.
 """
 from mlstep.optimizer.fusions.attention import FUSION as ATTENTION
 from mlstep.optimizer.fusions.causal_attention import FUSION as CAUSAL_ATTENTION
+from mlstep.optimizer.fusions.packed_causal_attention import FUSION as PACKED_CAUSAL_ATTENTION
 from mlstep.optimizer.fusions.embed_layer_norm import FUSION as EMBED_LAYER_NORM
 from mlstep.optimizer.fusions.fast_gelu import FUSION as FAST_GELU
 from mlstep.optimizer.fusions.gelu import FUSION as GELU
@@ -17,4 +18,4 @@ from mlstep.optimizer.fusions.skip_layer_norm import FUSION as SKIP_LAYER_NORM
 from mlstep.optimizer.fusions.tensordot import FUSION as TENSORDOT
 
 FUSION_ORDER = [GEMM_TO_MATMUL, TENSORDOT, LAYER_NORM, LAYER_NORM_TF, GELU, FAST_GELU, ATTENTION, CAUSAL_ATTENTION,
-                EMBED_LAYER_NORM, SKIP_LAYER_NORM]
+                PACKED_CAUSAL_ATTENTION, EMBED_LAYER_NORM, SKIP_LAYER_NORM]
