@@ -120,6 +120,8 @@ PADDING_PROBES = ((3, 6), (4, 9), (3, 70))
 # (batch, new tokens, past tokens): with past, past 0 and > 0, one step and several, totals up to 73
 CAUSAL_PROBES_WITH_PAST = ((3, 4, 3), (2, 1, 5), (2, 1, 72), (3, 5, 66), (2, 70, 0))
 CAUSAL_PROBES = ((3, 5, 0), (2, 7, 0), (3, 70, 0))
+# left padding over new tokens (row 2 of _masks: its first 3 tokens), so that some queries see nothing
+BLIND_PROBES = ((3, 6, 0), (3, 4, 2))
 
 SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
 
@@ -235,7 +237,7 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
         return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
-    shapes = CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
+    shapes = (CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES) + BLIND_PROBES
     feeds_list, masks = [], []
     for batch, seq, past in shapes:
         mask = _masks(batch, past + seq)
@@ -259,6 +261,13 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
         if np.any(full[~allow] > -1e4):
             return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
         fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
+    rng = np.random.default_rng(0)
+    for (mask, seq, past), out in zip(masks, outs):   # the fused op sees random scores s + this bias
+        s = (rng.standard_normal((mask.shape[0], 1, seq, mask.shape[1])) * 4).astype(np.float32)
+        full, _ = _expand_bias(out, mask.shape[0], seq, mask.shape[1])
+        reason = _blind_rows_agree(mask, seq, past, s, (s + full[:, :1]).astype(np.float32), fill)
+        if reason:
+            return None, 0.0, reason
     return source, fill, ""
 
 
@@ -284,7 +293,7 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
         return None, 0.0, f"the attention masking reads {source.name!r}, which is not a 2-D mask input"
     rng = np.random.default_rng(0)
     feeds_list, cases = [], []
-    for batch, seq, past in (CAUSAL_PROBES_WITH_PAST if with_past else CAUSAL_PROBES):
+    for batch, seq, past in (CAUSAL_PROBES_WITH_PAST if with_past else CAUSAL_PROBES) + BLIND_PROBES:
         total = past + seq
         mask = _masks(batch, total) if source is not None else np.ones((batch, total), dtype=np.int64)
         feeds = {v.name: _shape_feed(v, batch, seq, past, total) for v in anc.shape_inputs
@@ -318,6 +327,40 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
             return None, 0.0, "the attention masking changes visible scores (not causal + padding)"
         if np.any(out[~allow] > -5000.0):
             return None, 0.0, "the attention masking does not block future or padded keys (not causal)"
-        fills += [float(np.median(out[~allow]))] if (~allow).any() else []
+        # the fill the fused op adds to padded keys: the export's on past/current padded keys (future keys
+        # are dropped by the fused op whatever their fill)
+        padded = ~allow & ~np.broadcast_to((np.arange(total)[None, :] > (past + np.arange(seq))[:, None]), s.shape)
+        where = padded if padded.any() else ~allow
+        fills += [float(np.median(out[where].astype(np.float64) - s[where]))] if where.any() else []
     fill = max(min(fills, default=-10000.0), float(np.finfo(np.float32).min))
-    return source, round(fill, 0) if abs(fill) < 1e30 else fill, ""
+    fill = round(fill, 0) if abs(fill) < 1e30 else fill
+    for (mask, seq, past, s), out in ran:
+        reason = _blind_rows_agree(mask, seq, past, s, out, fill)
+        if reason:
+            return None, 0.0, reason
+    return source, fill, ""
+
+
+def _blind_rows_agree(mask: np.ndarray, seq: int, past: int, s: np.ndarray, out: np.ndarray, fill: float) -> str:
+    """A query that sees no key (a padded token under left padding) gets softmax over blocked scores only.
+    ONNX Runtime's Attention and MultiHeadAttention (CPU, measured: 1.32) drop future keys (-inf) and add
+    ``fill`` to padded ones, so its row is softmax of ``s + fill`` over the past and current keys; the export's
+    row must be the same, or the fusion would change those positions' outputs. "" when they agree."""
+    total = past + seq
+    future = (np.arange(total)[None, :] > (past + np.arange(seq))[:, None])[None, None]
+    padded = (mask[:, None, None, :] == 0)
+    blind = ~np.any(~future & ~padded, axis=-1)              # [B, 1, S]: nothing visible
+    if not blind.any():
+        return ""
+    fused = np.where(future, -np.inf, s.astype(np.float32) + np.float32(fill) * padded).astype(np.float32)
+    rows = np.broadcast_to(blind[..., None], s.shape)
+
+    def softmax(x):
+        x = x.astype(np.float64)
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    if not np.allclose(softmax(out)[rows], softmax(fused)[rows], rtol=1e-5, atol=1e-6):
+        return ("the attention masking's fill is not additive: queries that see nothing (left padding) would "
+                "get other outputs from the fused op")
+    return ""

@@ -111,7 +111,8 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         if not heads:
             return result.fail("cannot tell the number of heads from the head split")
         for shape in (k_shape, v_shape):
-            if _tail(known, shape) not in ([heads, head_size], [None, head_size], [heads, None]):
+            if _tail(known, shape) not in ([heads, head_size], [None, head_size], [heads, None], [heads, -1],
+                                           [-1, head_size]):
                 return result.fail(f"K/V head split {_tail(known, shape)} differs from Q's {[heads, head_size]}")
         if not last_axis(probs.producer().attributes.get_int("axis", -1), 4):
             return result.fail("Softmax is not over the key axis")
@@ -235,7 +236,7 @@ def _merges_heads(model: ir.Model, known, merged: ir.Value, x: ir.Value, heads: 
         return True
     target = known.constant(merged.producer().inputs[1])
     if target is not None:
-        return target.reshape(-1).tolist() in ([0, 0, heads * head_size], [0, -1, heads * head_size])
+        return target.reshape(-1).tolist() in ([0, 0, heads * head_size], [0, 0, -1])
     ctx = merged.producer().inputs[0]
     feeds = []
     for batch, seq in ((2, 3), (3, 7)):
