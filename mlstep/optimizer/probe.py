@@ -120,8 +120,9 @@ PADDING_PROBES = ((3, 6), (4, 9), (3, 70))
 # (batch, new tokens, past tokens): with past, past 0 and > 0, one step and several, totals up to 73
 CAUSAL_PROBES_WITH_PAST = ((3, 4, 3), (2, 1, 5), (2, 1, 72), (3, 5, 66), (2, 70, 0))
 CAUSAL_PROBES = ((3, 5, 0), (2, 7, 0), (3, 70, 0))
-# left padding over new tokens (row 2 of _masks: its first 3 tokens), so that some queries see nothing
-BLIND_PROBES = ((3, 6, 0), (3, 4, 2))
+# with past, left padding over new tokens too (row 2 of _masks: its first 3 tokens), so that some queries see
+# nothing (without past, CAUSAL_PROBES' left-padded rows have such queries)
+BLIND_PROBES_WITH_PAST = ((3, 4, 2),)
 
 SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
 
@@ -237,7 +238,7 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
         return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
-    shapes = (CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES) + BLIND_PROBES
+    shapes = CAUSAL_PROBES_WITH_PAST + BLIND_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
     feeds_list, masks = [], []
     for batch, seq, past in shapes:
         mask = _masks(batch, past + seq)
@@ -293,7 +294,7 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
         return None, 0.0, f"the attention masking reads {source.name!r}, which is not a 2-D mask input"
     rng = np.random.default_rng(0)
     feeds_list, cases = [], []
-    for batch, seq, past in (CAUSAL_PROBES_WITH_PAST if with_past else CAUSAL_PROBES) + BLIND_PROBES:
+    for batch, seq, past in CAUSAL_PROBES_WITH_PAST + BLIND_PROBES_WITH_PAST if with_past else CAUSAL_PROBES:
         total = past + seq
         mask = _masks(batch, total) if source is not None else np.ones((batch, total), dtype=np.int64)
         feeds = {v.name: _shape_feed(v, batch, seq, past, total) for v in anc.shape_inputs
@@ -343,16 +344,18 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
 
 def _blind_rows_agree(mask: np.ndarray, seq: int, past: int, s: np.ndarray, out: np.ndarray, fill: float) -> str:
     """A query that sees no key (a padded token under left padding) gets softmax over blocked scores only.
-    ONNX Runtime's Attention and MultiHeadAttention (CPU, measured: 1.32) drop future keys (-inf) and add
-    ``fill`` to padded ones, so its row is softmax of ``s + fill`` over the past and current keys; the export's
-    row must be the same, or the fusion would change those positions' outputs. "" when they agree."""
+    ONNX Runtime's Attention and MultiHeadAttention (CPU, measured on 1.32 with fills -1e4 and the lowest
+    float) set future keys to the lowest float and add ``fill`` to padded ones (in float32: ``s + lowest`` is
+    ``lowest``); the export's row must be the same, or the fusion would change those positions' outputs.
+    "" when they agree."""
     total = past + seq
     future = (np.arange(total)[None, :] > (past + np.arange(seq))[:, None])[None, None]
     padded = (mask[:, None, None, :] == 0)
     blind = ~np.any(~future & ~padded, axis=-1)              # [B, 1, S]: nothing visible
     if not blind.any():
         return ""
-    fused = np.where(future, -np.inf, s.astype(np.float32) + np.float32(fill) * padded).astype(np.float32)
+    lowest = np.finfo(np.float32).min
+    fused = np.where(future, lowest, s.astype(np.float32) + np.float32(fill) * padded).astype(np.float32)
     rows = np.broadcast_to(blind[..., None], s.shape)
 
     def softmax(x):
