@@ -263,7 +263,9 @@ def causal_mask_source(model: ir.Model, bias: ir.Value) -> tuple[ir.Value | None
             return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
         fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
     rng = np.random.default_rng(0)
-    for (mask, seq, past), out in zip(masks, outs):   # the fused op sees random scores s + this bias
+    # an infinite fill makes a query that sees nothing NaN in the export: the fusion handles those rows
+    # (the export's IsNaN guard) itself; a finite one must give the fused op's row
+    for (mask, seq, past), out in zip(masks, outs) if np.isfinite(fill) else ():
         s = (rng.standard_normal((mask.shape[0], 1, seq, mask.shape[1])) * 4).astype(np.float32)
         full, _ = _expand_bias(out, mask.shape[0], seq, mask.shape[1])
         reason = _blind_rows_agree(mask, seq, past, s, (s + full[:, :1]).astype(np.float32), fill)

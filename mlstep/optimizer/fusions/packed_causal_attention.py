@@ -106,7 +106,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         hidden = weights.shape[1] // 3
         if weights.shape[1] != 3 * hidden or not _splits_in_thirds(q.producer(), hidden):
             return result.fail("Q/K/V are not three equal parts of the projection's last axis")
-        known = facts(context.graph_or_function)
+        known = self._facts(context.graph_or_function)
         heads, head_size = self._heads(known, q_shape, hidden)
         if not heads:
             return result.fail("cannot tell the number of heads from the head split")
@@ -139,7 +139,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, w, b, q_shape, probs, raw_scores, q_scaling, k_scaling, s_scaling, q_scale=None,
                 k_scale=None, s_scale=None, past_k=None, **_):
         hidden = const_array(w).shape[1] // 3
-        heads, head_size = self._heads(facts(raw_scores.graph), q_shape, hidden)
+        heads, head_size = self._heads(self._facts(raw_scores.graph), q_shape, hidden)
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
         source, fill, _ = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
         scale = self._scale(q_scaling, k_scaling, s_scaling, q_scale, k_scale, s_scale)
@@ -167,6 +167,13 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         if self._ctx.num_heads and hidden % self._ctx.num_heads == 0:
             return self._ctx.num_heads, hidden // self._ctx.num_heads
         return 0, 0
+
+    def _facts(self, graph):
+        """The value analysis, once per pass: what the checks ask (constants, the dims of values no rewrite
+        of this pass replaces) stays true while other blocks are fused."""
+        if "_pass_facts" not in self.__dict__:
+            self.__dict__["_pass_facts"] = facts(graph)
+        return self.__dict__["_pass_facts"]
 
     @staticmethod
     def _scale(q_scaling, k_scaling, s_scaling, q_scale, k_scale, s_scale) -> float | None:
