@@ -29,6 +29,7 @@ PASSING = {
     "embed_layer_norm_format9_opset13", "embed_layer_norm_format3_no_cast",
     "embed_layer_norm_format3_no_cast_opset13", "bert_attention", "bert_pruned_attention",
     "bert_attention_reverse_add_order", "keras_bert_squad",
+    "gpt2_no_past", "gpt2_past",
 }
 # One entry per layout class, run always: ReduceSum mask index + Range positions behind -1 dims and unsorted nodes,
 # a mask built from the ids' shape, several embeddings, ai.onnx default domain, GPT-2 with past (Reshape(-1, S) ids,
