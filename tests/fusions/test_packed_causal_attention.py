@@ -12,7 +12,8 @@ Negative: a sliding-window table, a table whose diagonal is shifted (one future 
 bias that is not zero on attended tokens, and the constant-fill forms combined with a padding bias (exact
 for every real token, but not for a left-padded token that sees nothing: no additive fused mask
 reproduces ``Where(causal, s, -1e4) + pad``) must not fuse, and say why.
-Peer: ONNX Runtime's own GPT-2 test models (../shared/peer-suite), when present, fuse every block.
+Peer: ONNX Runtime's own GPT-2 test graphs with a constant fill plus padding (../shared/peer-suite, when present)
+are refused with that reason.
 """
 from __future__ import annotations
 
@@ -237,10 +238,14 @@ PEER = Path(__file__).resolve().parents[3] / "shared" / "peer-suite" / "models"
 
 
 @pytest.mark.skipif(not PEER.is_dir(), reason="the peer suite is not checked out beside the repo")
-@pytest.mark.parametrize("path,blocks", [("historical/gpt2_pytorch1.4_opset11_no_past_GPT2Model.onnx", 12)])
-def test_peer_models_fuse(path, blocks):
+@pytest.mark.parametrize("path", ["fusion/gpt2_past_mask_one_layer.onnx", "generated/gpt2_attention.onnx"])
+def test_peer_constant_fill_with_padding_is_refused(path):
+    """ONNX Runtime's tests expect these fused; its Attention would change the outputs of left-padded tokens
+    (measured on gpt2_past_mask_one_layer: 9.7e-3 on s8/left-padded), so mlstep leaves them with the reason.
+    (gpt2_no_past and gpt2_past fuse fully: test_peer_suite's PASSING.)"""
     from mlstep.optimizer import optimize_file
 
     result = optimize_file(PEER / path, OptimizeOptions(model_type="gpt2"))
-    assert result.fusions.get("Attention", 0) == blocks, result.summary_lines()
-    assert result.coverage["attention"].complete
+    assert not result.fusions.get("Attention") and not result.fusions.get("MultiHeadAttention")
+    assert any("fill is not additive" in miss for miss in result.coverage["attention"].misses), \
+        result.summary_lines()
