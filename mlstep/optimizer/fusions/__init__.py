@@ -2,8 +2,8 @@
 
 Order matters only where one fusion's output is another's input: flattened Gemms (and TF's flattened
 tensordot MatMuls) back to 3-D MatMul and decomposed LayerNorms (PyTorch's and TF's forms) first, so that
-the others see one form; then GELU forms, attention (encoder, then causal), the embedding, and last the
-residual Add + LayerNorm.
+the others see one form; then GELU forms, attention (encoder, then causal with split Q/K/V, then causal with
+packed Q/K/V and stacked past: Conv1D-era GPT-2), the embedding, and last the residual Add + LayerNorm.
 """
 from mlstep.optimizer.fusions.attention import FUSION as ATTENTION
 from mlstep.optimizer.fusions.causal_attention import FUSION as CAUSAL_ATTENTION
