@@ -311,8 +311,7 @@ def _unsqueeze_axes(node: ir.Node | None) -> list[int] | None:
 
 
 def _rules(ctx: FusionContext):
-    if ctx.model_type != "gpt2":
-        return []
+    # any model type: only a causal masking step passes the probe (an encoder's padding mask is refused)
     return [PackedCausalAttention.rule(ctx, past) for past in ("kt", "k", None)]
 
 
