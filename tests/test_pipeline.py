@@ -19,7 +19,7 @@ from mlstep.validate import check_parity, synthesize_inputs
 
 BERT_LAYOUTS = [("dynamo", 18, "sdpa"), ("torchscript", 14, "eager")]
 FUSIONS_IN_ORDER = ("gemm_to_matmul", "tensordot", "einsum", "layer_norm", "layer_norm_tf", "gelu", "fast_gelu",
-                    "attention", "causal_attention", "embed_layer_norm", "skip_layer_norm")
+                    "attention", "causal_attention", "packed_causal_attention", "embed_layer_norm", "skip_layer_norm")
 FULLY_FUSED = {"Attention": 2, "BiasGelu": 2, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}
 
 

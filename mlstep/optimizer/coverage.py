@@ -40,9 +40,9 @@ def incomplete(coverage: dict[str, BlockCoverage]) -> list[BlockCoverage]:
 # --- filling it: anchors counted before fusing, fused ops attributed after ----------------------------
 
 # kind -> the fusion switches (FusionLog names) whose refusals explain a miss of that kind
-EXPLAINED_BY = {"attention": ("attention", "causal_attention"), "embedding": ("embed_layer_norm",),
-                "layer_norm": ("layer_norm", "layer_norm_tf"), "skip_layer_norm": ("skip_layer_norm",),
-                "gelu": ("gelu", "fast_gelu")}
+EXPLAINED_BY = {"attention": ("attention", "causal_attention", "packed_causal_attention"),
+                "embedding": ("embed_layer_norm",), "layer_norm": ("layer_norm", "layer_norm_tf"),
+                "skip_layer_norm": ("skip_layer_norm",), "gelu": ("gelu", "fast_gelu")}
 # kind -> the fused ops that take a block of that kind (a LayerNorm taken into SkipLN / EmbedLN is fused too)
 FUSED_AS = {"attention": ("Attention", "MultiHeadAttention"), "embedding": ("EmbedLayerNormalization",),
             "layer_norm": ("LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"),

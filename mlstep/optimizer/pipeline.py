@@ -85,8 +85,8 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
 
 def _kind_of(title: str, model_type: str) -> str | None:
     """The block kind a fusion's refusals explain (attention: the family's own form, encoder or causal)."""
-    if title in ("attention", "causal_attention"):
-        return "attention" if (title == "causal_attention") == (model_type == "gpt2") else None
+    if title in ("attention", "causal_attention", "packed_causal_attention"):
+        return "attention" if (title != "attention") == (model_type == "gpt2") else None
     return next((kind for kind, titles in EXPLAINED_BY.items() if title in titles), None)
 
 
@@ -98,8 +98,10 @@ def _miss_reasons(model_type: str, log: list[FusionLog], traced: dict[str, list[
     """kind -> the refusals that explain its unfused blocks: the log's (verbose) or those traced right after the
     fusion ran (only where it left a block of its kind: a fully fused model pays nothing)."""
     def reasons(kind: str) -> list[str]:
-        return [line for entry in log if _kind_of(entry.name, model_type) == kind
-                for line in (entry.refused or traced.get(entry.name, []))]
+        lines = [line for entry in log if _kind_of(entry.name, model_type) == kind
+                 for line in (entry.refused or traced.get(entry.name, []))]
+        # a fusion whose check refused the block says more than one whose pattern did not fit it at all
+        return sorted(lines, key=lambda line: "layout not recognised" in line)
 
     return reasons
 

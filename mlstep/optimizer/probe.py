@@ -28,9 +28,11 @@ class Ancestry:
     shape_inputs: list[ir.Value]    # graph inputs read only through Shape
 
 
-def ancestry(graph: ir.Graph, value: ir.Value) -> Ancestry:
+def ancestry(graph: ir.Graph, value: ir.Value, cuts: tuple[ir.Value, ...] = ()) -> Ancestry:
+    """The nodes ``value`` is computed by, back to the graph inputs (and to the ``cuts``: values taken as
+    inputs, so that a probe of one step of a block does not run the whole model before it)."""
     order = {id(n): i for i, n in enumerate(graph)}
-    graph_inputs = {id(v) for v in graph.inputs}
+    graph_inputs = {id(v) for v in graph.inputs} | {id(v) for v in cuts}
     nodes: dict[int, ir.Node] = {}
     data: dict[int, ir.Value] = {}
     shape: dict[int, ir.Value] = {}
@@ -55,11 +57,13 @@ def ancestry(graph: ir.Graph, value: ir.Value) -> Ancestry:
     return Ancestry(sorted(nodes.values(), key=lambda n: order.get(id(n), 0)), list(data.values()), only_shape)
 
 
-def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Run the ancestors of ``value`` on each feed (keyed by graph input name)."""
+def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.ndarray]],
+             cuts: tuple[ir.Value, ...] = (), skip_failures: bool = False) -> list[np.ndarray | None]:
+    """Run the ancestors of ``value`` on each feed (keyed by graph input name, and by the names of ``cuts``);
+    with ``skip_failures`` a feed the subgraph cannot run gives None instead of raising."""
     import onnxruntime as ort
 
-    anc = ancestry(model.graph, value)
+    anc = ancestry(model.graph, value, cuts)
     proto_nodes, initializers, seen_init = [], [], set()
     for node in anc.nodes:
         proto_nodes.append(ir.serde.serialize_node(node))
@@ -71,7 +75,7 @@ def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.nda
     inputs = anc.data_inputs + anc.shape_inputs
     graph = onnx.helper.make_graph(
         proto_nodes, "probe",
-        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype), None) for v in inputs],
+        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype or ir.DataType.FLOAT), None) for v in inputs],
         [onnx.helper.make_value_info(value.name, onnx.TypeProto())], initializers)
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     proto = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=model.ir_version or 8)
@@ -81,10 +85,18 @@ def evaluate(model: ir.Model, value: ir.Value, feeds_list: list[dict[str, np.nda
         proto = onnx.shape_inference.infer_shapes(proto)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if skip_failures else 3   # an expected failure is not an error to log
     session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     names = {v.name for v in inputs}
-    return [session.run(None, {k: v for k, v in feeds.items() if k in names})[0] for feeds in feeds_list]
+    outs = []
+    for feeds in feeds_list:
+        try:
+            outs.append(session.run(None, {k: v for k, v in feeds.items() if k in names})[0])
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own classes from C++
+            if not skip_failures:
+                raise
+            outs.append(None)
+    return outs
 
 
 def _masks(batch: int, seq: int) -> np.ndarray:
@@ -110,6 +122,9 @@ PADDING_PROBES = ((3, 6), (4, 9), (3, 70))
 # (batch, new tokens, past tokens): with past, past 0 and > 0, one step and several, totals up to 73
 CAUSAL_PROBES_WITH_PAST = ((3, 4, 3), (2, 1, 5), (2, 1, 72), (3, 5, 66), (2, 70, 0))
 CAUSAL_PROBES = ((3, 5, 0), (2, 7, 0), (3, 70, 0))
+# with past, left padding over new tokens too (row 2 of _masks: its first 3 tokens), so that some queries see
+# nothing (without past, CAUSAL_PROBES' left-padded rows have such queries)
+BLIND_PROBES_WITH_PAST = ((3, 4, 2),)
 
 SOFTMAX_SHIFT_LIMIT = 1e-6   # largest uniform offset a padding mask may add to every score (see below)
 
@@ -217,6 +232,9 @@ def _shape_feed(value: ir.Value, batch: int, seq: int, past: int, total: int) ->
     if rank == 4:
         static = [d if isinstance(d, int) else 1 for d in value.shape]
         return np.zeros((batch, static[1], past, static[3]), dtype=dtype)
+    if rank == 5:   # stacked past key/value [2, batch, heads, past, head_size]
+        static = [d if isinstance(d, int) else 1 for d in value.shape]
+        return np.zeros((2, batch, static[2], past, static[4]), dtype=dtype)
     return np.zeros([batch, seq] + [d if isinstance(d, int) else 1 for d in value.shape[2:]], dtype=dtype)
 
 
@@ -232,7 +250,7 @@ def causal_mask_source(model: ir.Model, bias: ir.Value, lengths: Sequence[int] =
         return None, 0.0, reason
     has_past = any(v.shape is not None and len(v.shape) == 4 for v in anc.shape_inputs) or any(
         v.name.startswith("past") for v in model.graph.inputs)
-    shapes = CAUSAL_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
+    shapes = CAUSAL_PROBES_WITH_PAST + BLIND_PROBES_WITH_PAST if has_past else CAUSAL_PROBES
     users = [(2, int(n), 0) for n in dict.fromkeys(lengths) if n >= 2]
     users += [(2, 1, int(n)) for n in dict.fromkeys(lengths) if n >= 1 and has_past]
     shapes = shapes + tuple(shape for shape in users if shape not in shapes)
@@ -259,6 +277,15 @@ def causal_mask_source(model: ir.Model, bias: ir.Value, lengths: Sequence[int] =
         if np.any(full[~allow] > -1e4):
             return None, 0.0, "the attention mask does not block future or padded tokens (not causal)"
         fill = min(fill, float(full[~allow].max())) if (~allow).any() else fill
+    rng = np.random.default_rng(0)
+    # an infinite fill makes a query that sees nothing NaN in the export: the fusion handles those rows
+    # (the export's IsNaN guard) itself; a finite one must give the fused op's row
+    for (mask, seq, past), out in zip(masks, outs) if np.isfinite(fill) else ():
+        s = (rng.standard_normal((mask.shape[0], 1, seq, mask.shape[1])) * 4).astype(np.float32)
+        full, _ = _expand_bias(out, mask.shape[0], seq, mask.shape[1])
+        reason = _blind_rows_agree(mask, seq, past, s, (s + full[:, :1]).astype(np.float32), fill)
+        if reason:
+            return None, 0.0, reason
     return source, fill, ""
 
 
@@ -281,4 +308,101 @@ def per_key_bias(model: ir.Model, bias: ir.Value, lengths: Sequence[int] = ()) -
     for (batch, seq), out in zip(shapes, outs):
         if out.ndim != 4 or out.shape[0] not in (1, batch) or out.shape[1:] != (1, 1, seq):
             return f"the attention bias has shape {out.shape}, not [{batch} or 1, 1, 1, {seq}] (one row per key)"
+    return ""
+
+
+def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: dict[ir.Value, str],
+                   with_past: bool) -> tuple[ir.Value | None, float, str]:
+    """Is the masking step ``scores -> masked`` (whatever ops an export spells it with) exactly causal
+    attention with an optional 2-D padding mask: ``masked = scores`` where key ``j <= past + i`` and
+    ``mask[b, j] == 1``, and a large negative value (<= -5000, gone after Softmax) elsewhere?
+
+    ``cuts`` are the block's values the step may read shapes from (the scores themselves, Q, K^T), each with
+    its layout over B (batch), N (heads), S (new tokens), T (past + new) and their size (d, the head size,
+    and N, are taken from the letters' values given as ``"BNSd:4:16"``); they are fed, so the probe runs only
+    the step itself. Scores are random, at the lengths of CAUSAL_PROBES(_WITH_PAST) (past 0 and > 0, totals up
+    to 73, left and right padding). Returns (the mask input or None when there is none, the fill to give the
+    fused op, "") or (None, 0, reason)."""
+    values = tuple(cuts)
+    anc = ancestry(model.graph, masked, values)
+    sources = [v for v in anc.data_inputs if all(v is not c for c in values)]
+    if len(sources) > 1:
+        return None, 0.0, f"the attention masking reads {[v.name for v in sources]}, not one mask input"
+    source = sources[0] if sources else None
+    if source is not None and (source.shape is None or len(source.shape) != 2 or source.dtype not in _NP):
+        return None, 0.0, f"the attention masking reads {source.name!r}, which is not a 2-D mask input"
+    rng = np.random.default_rng(0)
+    feeds_list, cases = [], []
+    for batch, seq, past in CAUSAL_PROBES_WITH_PAST + BLIND_PROBES_WITH_PAST if with_past else CAUSAL_PROBES:
+        total = past + seq
+        mask = _masks(batch, total) if source is not None else np.ones((batch, total), dtype=np.int64)
+        feeds = {v.name: _shape_feed(v, batch, seq, past, total) for v in anc.shape_inputs
+                 if all(v is not c for c in values)}
+        sizes = {"B": batch, "S": seq, "T": total}
+        for value, layout in cuts.items():
+            letters, *dims = layout.split(":")
+            sizes.update({"N": int(dims[0]), "d": int(dims[1])} if dims else {})
+            shape = tuple(sizes[c] for c in letters)
+            feeds[value.name] = (rng.standard_normal(shape) * 4).astype(np.float32) if value is scores \
+                else np.zeros(shape, dtype=np.float32)
+        if source is not None:
+            feeds[source.name] = mask.astype(_NP[source.dtype])
+        feeds_list.append(feeds)
+        cases.append((mask, seq, past, feeds[scores.name]))
+    try:   # a length the step itself cannot run (a causal table of n_ctx rows) is one no input can have
+        outs = evaluate(model, masked, feeds_list, values, skip_failures=True)
+    except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
+        return None, 0.0, f"the attention masking could not be probed ({type(err).__name__})"
+    ran = [(case, out) for case, out in zip(cases, outs) if out is not None]
+    if len(ran) < 2 or (with_past and not any(past > 0 for (_, _, past, _), _ in ran)):
+        return None, 0.0, "the attention masking could not be probed (it fails on the probe lengths)"
+    fills = []
+    for (mask, seq, past, s), out in ran:
+        if out.shape != s.shape:
+            return None, 0.0, f"the attention masking gives shape {out.shape}, not the scores' {s.shape}"
+        total = past + seq
+        causal = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]
+        allow = np.broadcast_to(mask[:, None, None, :].astype(bool) & causal[None, None], s.shape)
+        if not np.allclose(out[allow], s[allow], rtol=1e-6, atol=0.0):
+            return None, 0.0, "the attention masking changes visible scores (not causal + padding)"
+        if np.any(out[~allow] > -5000.0):
+            return None, 0.0, "the attention masking does not block future or padded keys (not causal)"
+        # the fill the fused op adds to padded keys: the export's on past/current padded keys (future keys
+        # are dropped by the fused op whatever their fill)
+        padded = ~allow & ~np.broadcast_to((np.arange(total)[None, :] > (past + np.arange(seq))[:, None]), s.shape)
+        where = padded if padded.any() else ~allow
+        fills += [float(np.median(out[where].astype(np.float64) - s[where]))] if where.any() else []
+    fill = max(min(fills, default=-10000.0), float(np.finfo(np.float32).min))
+    fill = round(fill, 0) if abs(fill) < 1e30 else fill
+    for (mask, seq, past, s), out in ran:
+        reason = _blind_rows_agree(mask, seq, past, s, out, fill)
+        if reason:
+            return None, 0.0, reason
+    return source, fill, ""
+
+
+def _blind_rows_agree(mask: np.ndarray, seq: int, past: int, s: np.ndarray, out: np.ndarray, fill: float) -> str:
+    """A query that sees no key (a padded token under left padding) gets softmax over blocked scores only.
+    ONNX Runtime's Attention and MultiHeadAttention (CPU, measured on 1.32 with fills -1e4 and the lowest
+    float) set future keys to the lowest float and add ``fill`` to padded ones (in float32: ``s + lowest`` is
+    ``lowest``); the export's row must be the same, or the fusion would change those positions' outputs.
+    "" when they agree."""
+    total = past + seq
+    future = (np.arange(total)[None, :] > (past + np.arange(seq))[:, None])[None, None]
+    padded = (mask[:, None, None, :] == 0)
+    blind = ~np.any(~future & ~padded, axis=-1)              # [B, 1, S]: nothing visible
+    if not blind.any():
+        return ""
+    lowest = np.finfo(np.float32).min
+    fused = np.where(future, lowest, s.astype(np.float32) + np.float32(fill) * padded).astype(np.float32)
+    rows = np.broadcast_to(blind[..., None], s.shape)
+
+    def softmax(x):
+        x = x.astype(np.float64)
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    if not np.allclose(softmax(out)[rows], softmax(fused)[rows], rtol=1e-5, atol=1e-6):
+        return ("the attention masking's fill is not additive: queries that see nothing (left padding) would "
+                "get other outputs from the fused op")
     return ""

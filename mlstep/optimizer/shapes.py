@@ -340,6 +340,9 @@ def _infer(node: ir.Node, dims: dict, vals: dict, eq=None) -> None:  # noqa: C90
         if starts is not None and ends is not None and (steps is None or all(x == 1 for x in steps)):
             out = list(d[0])
             for a, st, en in zip(axes, starts, ends):
+                if st < 0 and isinstance(en, int) and en >= 2**31 and isinstance(out[a % rank], int):
+                    out[a % rank] = min(-st, out[a % rank])   # the last -st entries (x[:, -1:])
+                    continue
                 if st != 0 or en is None:
                     out = None
                     break

@@ -106,15 +106,17 @@ class Facts:
     it is a snapshot (a rewrite afterwards invalidates it)."""
 
     def __init__(self, graph: ir.Graph, until: list[ir.Value | None] | None = None,
-                 excluding: ir.Node | None = None):
+                 excluding: ir.Node | frozenset[ir.Node] | None = None):
         self.graph = graph
+        excluded = {id(excluding)} if isinstance(excluding, ir.Node) else {id(n) for n in excluding or ()}
+        self._kept: list[ir.Value] = []   # values aliased by ``alias`` (kept alive: their ids stay theirs)
         self._dims: dict[int, Dims] = _input_dims(graph)
         self._vals: dict[int, list] = {}
         preferred = {d for v in self._dims.values() for d in v or [] if isinstance(d, str)}
         self.eq = DimEq(preferred)
         wanted = {id(v) for v in until or [] if v is not None and v.producer() is not None}
         for node in graph:
-            if node is excluding:   # its dims still flow on, but what it would imply is not evidence
+            if id(node) in excluded:   # its dims still flow on, but what it would imply is not evidence
                 _infer(node, self._dims, self._vals, None)
                 continue
             _infer(node, self._dims, self._vals, self.eq)
@@ -125,6 +127,17 @@ class Facts:
                 break   # facts about a value need only what precedes it in topological order
 
     # --- facts ------------------------------------------------------------------------------------
+
+    def alias(self, new: ir.Value, old: ir.Value) -> None:
+        """A rewrite replaced ``old`` by ``new`` (same dims): the snapshot answers for ``new`` as for ``old``,
+        so that one snapshot can serve a whole fusion pass."""
+        if id(old) in self._dims:
+            self._dims[id(new)] = self._dims[id(old)]
+            self._kept += [old, new]
+
+    def knows(self, value: ir.Value | None) -> bool:
+        """True when the snapshot saw ``value`` (it existed, or was aliased, when the facts were built)."""
+        return value is not None and (id(value) in self._dims or value.const_value is not None)
 
     def dims(self, value: ir.Value | None) -> Dims:
         """Each dim an int or a canonical symbol (None where unknown); None when even the rank is unknown."""
@@ -201,10 +214,11 @@ class Facts:
 
 
 def facts(graph: ir.Graph | ir.Function, until: list[ir.Value | None] | None = None,
-          excluding: ir.Node | None = None) -> Facts:
+          excluding: ir.Node | frozenset[ir.Node] | None = None) -> Facts:
     """The facts of ``graph``. With ``until``, the forward pass stops once those values are reached (enough for
     constants: they depend only on ancestors). With ``excluding``, that node's own semantics are not taken as
     evidence: a fusion replacing an elementwise op must not prove its operands equal by that very op (a
     size-1 dim would broadcast there), but every other op in the graph counts, before or after it (GPT-2's
-    mask broadcast against the scores shows ``total_sequence`` = ``sequence`` after the embedding sum)."""
+    mask broadcast against the scores shows ``total_sequence`` = ``sequence`` after the embedding sum). A set of
+    nodes may be excluded at once (one snapshot for every candidate of a fusion pass)."""
     return Facts(graph if isinstance(graph, ir.Graph) else graph.graph, until, excluding)

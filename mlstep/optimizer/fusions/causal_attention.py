@@ -121,11 +121,14 @@ class CausalAttention(pattern.RewriteRuleClassBase):
             while inputs[-1] is None:
                 inputs.pop()
             out, present_v = op.MultiHeadAttention(*inputs, _domain=MS_DOMAIN, **attrs), None
-        if self._ctx.use_gpu:   # a row that sees no key: the export's uniform softmax (the mean of V), or
-            seen = op.Cast(_has_visible_key(op, source, q_in), to=ir.DataType.BOOL)   # its NaN guard's zeros
+        guarded = math.isinf(fill) and nan_guard
+        if self._ctx.use_gpu and (guarded or fill <= _FLOAT_MIN / 2):
+            # a row that sees no key: with a fill that absorbs the score the export's softmax is uniform (the
+            # mean of V), or its NaN guard's zeros; a smaller fill the bias itself reproduces
+            seen = op.Cast(_has_visible_key(op, source, q_in), to=ir.DataType.BOOL)
             mean = self._mean_of_values(op, v_in, present_v)
-            out = op.Where(seen, out, op.Sub(mean, mean) if math.isinf(fill) and nan_guard else mean)
-        elif math.isinf(fill) and nan_guard:
+            out = op.Where(seen, out, op.Sub(mean, mean) if guarded else mean)
+        elif guarded:
             out = op.Mul(out, _has_visible_key(op, source, q_in))
         return op.Reshape(out, merged.producer().inputs[1])
 
@@ -157,7 +160,7 @@ class CausalAttention(pattern.RewriteRuleClassBase):
 
     def _mask(self, model, mask_bias):
         if mask_bias.name not in self._mask_memo:
-            self._mask_memo[mask_bias.name] = causal_mask_source(model, mask_bias)
+            self._mask_memo[mask_bias.name] = causal_mask_source(model, mask_bias, self._ctx.sequence_lengths)
         return self._mask_memo[mask_bias.name]
 
 

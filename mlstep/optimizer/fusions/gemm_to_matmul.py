@@ -155,6 +155,9 @@ def _rank_of(value: ir.Value, depth: int, memo: dict) -> int | None:
         if node.op_type == "Where":
             ranks = ranks[1:] + ranks[:1]
         return None if not ranks or any(r is None for r in ranks) else max(ranks)
+    if node.op_type == "Gather":   # an embedding lookup: rank(table) - 1 + rank(ids)
+        ranks = [_rank(v, depth + 1, memo) for v in node.inputs[:2]]
+        return None if None in ranks else ranks[0] - 1 + ranks[1]
     if node.op_type != "Reshape":
         return None
     target = _skip_casts(node.inputs[1])

@@ -7,7 +7,8 @@ Handles the forms exporters write below opset 17 (TorchScript): the square as ``
 attribute (opset < 18) or an input (18+); the scale and/or the shift may be missing (ones / zeros).
 Operand order of Add/Mul is covered by the rule set's commutation. Megatron's export (PyTorch 1.9) writes
 ``x - mean`` twice (one Sub for the square, one for the division: ``twin``) and a Cast to the input's
-float type around the division (``cast``, checked to be a no-op Cast).
+float type around the division (``cast``, checked to be a no-op Cast). GPT-2 with past as PyTorch 1.5
+exported it casts ``x - mean`` before the square (``cast_square``, ``d.float().pow(2)``; also a no-op Cast).
 
 ONNX Runtime registers LayerNormalization in the default domain for every opset, so the fused node is
 valid in an opset-14 model too.
@@ -43,15 +44,16 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
     """One decomposed form; variants by flags (square, inverse, scale, shift)."""
 
     def __init__(self, name: str, *, square: str, inverse: str, scale: bool, shift: bool, twin: bool = False,
-                 cast: bool = False):
+                 cast: bool = False, cast_square: bool = False):
         super().__init__(name)
         self._square, self._inverse, self._scale, self._shift = square, inverse, scale, shift
-        self._twin, self._cast = twin, cast
+        self._twin, self._cast, self._cast_square = twin, cast, cast_square
 
     def pattern(self, op, x, two, eps, gamma, beta):
         mean = op.ReduceMean(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["mean"])
         d = op.Sub(x, mean)
-        sq = op.Pow(d, two) if self._square == "pow" else op.Mul(d, d)
+        d_sq = op.Cast(d, _outputs=["sq_cast"]) if self._cast_square else d
+        sq = op.Pow(d_sq, two) if self._square == "pow" else op.Mul(d_sq, d_sq)
         var = op.ReduceMean(sq, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["var"])
         std = op.Sqrt(op.Add(var, eps))
         d2 = op.Sub(x, mean) if self._twin else d
@@ -64,8 +66,11 @@ class LayerNormFusion(pattern.RewriteRuleClassBase):
             y = op.Add(y, beta)
         return y
 
-    def check(self, context, x, two, eps, gamma, beta, mean, var, cast_out=None, **_) -> pattern.MatchResult:
+    def check(self, context, x, two, eps, gamma, beta, mean, var, cast_out=None, sq_cast=None,
+              **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
+        if self._cast_square and sq_cast.producer().attributes.get_int("to") != (x.dtype or _float_type(context, x)):
+            return result.fail(f"the Cast before the square is not to the input's type ({x.dtype})")
         if self._cast and (x.dtype is None or cast_out.producer().attributes.get_int("to") != x.dtype):
             return result.fail(f"the Cast around the division is not to the input's type ({x.dtype})")
         rank = _rank(x)
@@ -146,7 +151,22 @@ def _rules(ctx: FusionContext) -> list[pattern.RewriteRule]:
             name = f"LayerNorm[{square},div,scale,shift{',twin' if twin else ''}{',cast' if cast else ''}]"
             rules.append(LayerNormFusion.rule(name, square=square, inverse="div", scale=True, shift=True, twin=twin,
                                               cast=cast))
+    for square in ("pow", "mul"):   # PyTorch 1.5 GPT-2: a Cast before the square
+        rules.append(LayerNormFusion.rule(f"LayerNorm[{square},div,scale,shift,cast_square]", square=square,
+                                          inverse="div", scale=True, shift=True, cast_square=True))
     return rules
+
+
+def _float_type(context, x: ir.Value) -> int | None:
+    """x's element type from the value analysis' view of its producer when the export left it untyped: the
+    type of a constant scale or shift applied to x's sum (an Add of typed operands), else None."""
+    node = x.producer()
+    while node is not None and x.dtype is None and node.op_type in ("Add", "Sub", "Mul"):
+        typed = [v for v in node.inputs if v is not None and v.dtype is not None]
+        if typed:
+            return typed[0].dtype
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return None
 
 
 FUSION = Fusion("layer_norm", _rules, anchor="ReduceMean")
