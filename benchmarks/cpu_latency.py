@@ -184,34 +184,31 @@ def main(argv: list[str] | None = None) -> int:
     out: list[str] = []
     notes: list[str] = []
     try:
+        models = []
         if not args.no_bert:
             cfg = tf.BertConfig(num_hidden_layers=args.layers)
-            cfg._attn_implementation = "eager"
-            src = work / "bert" / "model.onnx"
-            t = time.perf_counter()
-            export_encoder(build_model(cfg), src, "torchscript", 17, external_data=False)
-            cfg.to_json_file(str(work / "bert" / "config.json"))
-            print(f"bert export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-            peers = {"ORT optimizer": run_ort_optimizer(src, work / "bert-ort" / "model.onnx", "bert",
-                                                        cfg.num_attention_heads, cfg.hidden_size)}
-            optimum = run_optimum(args.optimum_python, src, work / "bert-optimum", work / "bert" / "config.json")
-            peers.update({f"Optimum {k}": v for k, v in optimum.items()})
-            out += bench_model(f"bert-base ({args.layers} layers, hidden 768), TorchScript 17, eager", src, peers,
-                               BERT_SHAPES, work / "bert-work", args, notes)
+            models.append(("bert", cfg, lambda cfg, src: export_encoder(build_model(cfg), src, "torchscript", 17,
+                                                                         external_data=False),
+                           cfg.num_attention_heads, BERT_SHAPES,
+                           f"bert-base ({args.layers} layers, hidden 768), TorchScript 17, eager"))
         if not args.no_gpt2:
             cfg = tf.GPT2Config(n_layer=args.layers)
+            models.append(("gpt2", cfg, lambda cfg, src: export_gpt2(build_gpt2(cfg), src, "torchscript", 14,
+                                                                      with_past=True),
+                           cfg.n_head, GPT2_SHAPES,
+                           f"GPT-2 124M ({args.layers} layers, n_embd 768) with past, TorchScript 14, one new token"))
+        for name, cfg, export, heads, shapes, title in models:
             cfg._attn_implementation = "eager"
-            src = work / "gpt2" / "model.onnx"
+            src = work / name / "model.onnx"
             t = time.perf_counter()
-            export_gpt2(build_gpt2(cfg), src, "torchscript", 14, with_past=True)
-            cfg.to_json_file(str(work / "gpt2" / "config.json"))
-            print(f"gpt2 export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-            peers = {"ORT optimizer": run_ort_optimizer(src, work / "gpt2-ort" / "model.onnx", "gpt2",
-                                                        cfg.n_head, cfg.n_embd)}
-            optimum = run_optimum(args.optimum_python, src, work / "gpt2-optimum", work / "gpt2" / "config.json")
+            export(cfg, src)
+            cfg.to_json_file(str(work / name / "config.json"))
+            print(f"{name} export {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+            peers = {"ORT optimizer": run_ort_optimizer(src, work / f"{name}-ort" / "model.onnx", name, heads,
+                                                        cfg.hidden_size)}
+            optimum = run_optimum(args.optimum_python, src, work / f"{name}-optimum", work / name / "config.json")
             peers.update({f"Optimum {k}": v for k, v in optimum.items()})
-            out += bench_model(f"GPT-2 124M ({args.layers} layers, n_embd 768) with past, TorchScript 14, one new "
-                               "token", src, peers, GPT2_SHAPES, work / "gpt2-work", args, notes)
+            out += bench_model(title, src, peers, shapes, work / f"{name}-work", args, notes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cpu = "CPUExecutionProvider"
