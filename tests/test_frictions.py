@@ -47,7 +47,7 @@ def test_under_github_actions_each_stage_is_a_log_group(under_actions):
     proc, _, _ = under_actions
     lines = proc.stderr.splitlines()
     groups = [line for line in lines if line.startswith("::group::mlstep ")]
-    assert [g.split()[1] for g in groups] == ["resolve", "optimize", "variants", "parity", "report", "commit"]
+    assert [g.split()[1] for g in groups] == ["resolve", "optimize", "forms", "variants", "parity", "report", "commit"]
     assert lines.count("::endgroup::") == len(groups)
 
 
@@ -87,8 +87,8 @@ def test_ci_without_actions_prints_one_line_per_stage_start_and_end(exported, tm
     lines = proc.stderr.splitlines()
     starts = [line.split()[1] for line in lines if line.endswith("...") or " ... " in line]
     ends = [line.split()[1].rstrip(":") for line in lines if line.endswith("s)")]
-    assert starts == ends == ["resolve", "optimize", "variants", "parity", "report", "commit"], proc.stderr
-    assert len(lines) == 12, proc.stderr
+    assert starts == ends == ["resolve", "optimize", "forms", "variants", "parity", "report", "commit"], proc.stderr
+    assert len(lines) == 2 * len(starts), proc.stderr
 
 
 def test_an_mlflow_source_without_tracking_uri_gets_a_hint_and_no_stray_database(tmp_path):

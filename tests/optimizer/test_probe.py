@@ -12,10 +12,11 @@ from mlstep.optimizer.probe import causal_mask_source, padding_mask_source, padd
 
 
 def _bias_graph(causal: bool, off_at: int) -> ir.Model:
-    """bias[b, 0, i, j] = 0 where mask[b, j] (and j <= i when causal), else -10000; all zeros when S == off_at."""
+    """bias[b, 0, i, j] = 0 where mask[b, j] (and j <= i when causal), else the lowest float (as transformers
+    fills: a query that sees nothing then gets the fused op's row); all zeros when S == off_at."""
     n = helper.make_node
     c = lambda name, value, dtype=np.int64: numpy_helper.from_array(np.array(value, dtype), name)  # noqa: E731
-    inits = [c("one", 1), c("axes0", [0]), c("axes12", [1, 2]), c("at", off_at), c("neg", -10000.0, np.float32),
+    inits = [c("one", 1), c("axes0", [0]), c("axes12", [1, 2]), c("at", off_at), c("neg", np.finfo(np.float32).min, np.float32),
              c("zero", 0.0, np.float32), c("one_f", 1.0, np.float32)]
     nodes = [n("Shape", ["mask"], ["shape"]), n("Gather", ["shape", "one"], ["s"], axis=0),
              n("Unsqueeze", ["mask", "axes12"], ["m4"]), n("Cast", ["m4"], ["keep"], to=TensorProto.BOOL)]
