@@ -26,10 +26,13 @@ for decoders). Per shape the candidates are timed in interleaved rounds (candida
 ``iterations`` calls per round, calibrated to ~``target_round_ms``); a candidate's figure is the median of its
 per-round means. Bounded: the rounds are fitted into ``budget_s`` (between ``min_rounds`` and ``max_rounds``).
 
-Choice (:func:`choose`): among the candidates that passed parity, the one with the smallest geometric mean
-of its medians over the gated shapes relative to the ``fused`` form (with one gated shape: simply the fastest
-median); ties go to the earlier (more fused) form. No passing candidate: ``fused`` is kept and the variants'
-parity gate fails as it would have.
+Choice (:func:`choose`): the most fused form that passed parity is the reference; a less fused one replaces it
+only when it is *confidently* faster: the per-round ratios of its time to the reference's (the rounds are
+interleaved, so each round is a pair measured under the same machine load), pooled over the gated shapes, give a
+geometric mean and a 95% interval (:func:`mlstep.gates.ratio_interval`, the latency gate's statistics), and the
+interval's upper end must be below 1. Among such forms the lowest ratio wins. Within noise the more fused form
+stays, so the choice does not flip between runs on a busy machine. No passing candidate: ``fused`` is kept and the
+variants' parity gate fails as it would have.
 
 The result (:class:`Selection`) goes into report.json under ``forms`` (:meth:`Selection.as_dict`) and into
 the MLflow run as params/metrics (:func:`mlflow_fields`). The step then writes the chosen form as the fp32
@@ -91,6 +94,7 @@ class Timing:
     median_ms: float
     rounds: int
     iterations: int
+    samples: tuple[float, ...] = ()        # per-round mean ms, in round order (paired across candidates)
 
 
 @dataclass
@@ -225,7 +229,7 @@ def measure(candidates: Sequence[Candidate], shapes: Sequence[tuple[int, int]], 
                     run()
                 samples[name].append((time.perf_counter() - start) * 1e3 / iterations)
         for name, values in samples.items():
-            timings[name][label] = Timing(statistics.median(values), rounds, iterations)
+            timings[name][label] = Timing(statistics.median(values), rounds, iterations, tuple(values))
     return timings, provider, intra_op_threads(settings.threads)
 
 
@@ -233,24 +237,52 @@ def measure(candidates: Sequence[Candidate], shapes: Sequence[tuple[int, int]], 
 
 def choose(names: Sequence[str], parity: Mapping[str, Any], timings: Mapping[str, Mapping[str, Timing]]
            ) -> tuple[str, str]:
-    """(chosen form, why): the fastest (geometric mean over shapes, relative to ``fused``) among the forms
-    whose parity passed; ties go to the earlier form in ``names``. ``parity[name]`` None means not checked:
-    such a form can be chosen only when no form was checked (validation off)."""
+    """(chosen form, why): the most fused form whose parity passed, unless a less fused passing form is
+    confidently faster (:func:`ratio_to`: the upper end of its 95% interval below 1; the lowest ratio of those
+    wins). ``parity[name]`` None means not checked: such a form can be chosen only when no form was checked
+    (validation off)."""
     checked = any(parity.get(n) is not None for n in names)
     passing = [n for n in names if (parity.get(n) is not None and parity[n].passed) or (not checked and n in parity)]
     failing = [n for n in names if parity.get(n) is not None and not parity[n].passed]
     if not passing:
         return names[0], f"no form passed parity ({', '.join(failing)}): {names[0]} kept"
-    scored = [(n, _relative(timings, n)) for n in passing]
-    scored = [(n, r) for n, r in scored if r is not None]
-    if not scored:
+    measured = [n for n in passing if timings.get(n)]
+    if not measured:
         return passing[0], f"not measured: {passing[0]} (the first form that passed parity)"
-    best = min(scored, key=lambda item: (item[1], names.index(item[0])))[0]
-    figures = ", ".join(f"{n} {_figure(timings[n])}" for n, _ in scored)
-    why = f"fastest passing form at the gated shapes ({figures})"
+    reference = measured[0]
+    estimates = {n: ratio_to(timings, n, reference) for n in measured[1:]}
+    faster = [(est.ratio, names.index(n), n) for n, est in estimates.items() if est is not None and est.high < 1.0]
+    best = min(faster)[2] if faster else reference
+    figures = ", ".join(f"{n} {_figure(timings[n])}" for n in measured)
+    shown = "; ".join(f"{n}/{reference} {est.ratio:.3f} [{est.low:.3f}, {est.high:.3f}]"
+                      for n, est in estimates.items() if est is not None)
+    why = (f"{best}: confidently faster than {reference}" if best != reference
+           else f"{reference}: no less fused form is confidently faster") + f" ({figures}" + \
+        (f"; time ratio, 95% interval: {shown})" if shown else ")")
     if failing:
         why += f"; failed parity, not eligible: {', '.join(failing)}"
     return best, why
+
+
+def ratio_to(timings: Mapping[str, Mapping[str, Timing]], name: str, reference: str):
+    """``name``'s time / ``reference``'s: geometric mean of the per-round ratios over every shape both were timed
+    at, with its 95% interval (:class:`mlstep.gates.RatioEstimate`); forms timed without per-round samples count
+    one pair per shape (their medians). None when they share no timed shape."""
+    from mlstep.gates import ratio_interval
+
+    mine, base = timings.get(name) or {}, timings.get(reference) or {}
+    pairs = []
+    for shape in mine:
+        if shape not in base:
+            continue
+        a, b = mine[shape], base[shape]
+        if a.samples and b.samples and len(a.samples) == len(b.samples):
+            pairs += [([y], [x]) for x, y in zip(a.samples, b.samples)]
+        else:
+            pairs.append(([b.median_ms], [a.median_ms]))
+    if not pairs:
+        return None
+    return ratio_interval([p[0] for p in pairs], [p[1] for p in pairs])
 
 
 def select(source_path: str | Path, candidates: Sequence[Candidate], cases: Sequence, providers: Sequence[str],

@@ -479,7 +479,15 @@ def _source_text(source, model_path: Path) -> str:
 def _options_dict(options: OptimizeOptions, settings: StepSettings) -> dict[str, Any]:
     values = dataclasses.asdict(options)
     values["disabled_fusions"] = sorted(options.disabled_fusions)
-    return {**values, **settings.as_dict(), "options_hash": options.hash()}
+    return {**values, **settings.as_dict(), "options_hash": options_hash(options, settings)}
+
+
+def options_hash(options: OptimizeOptions, settings: StepSettings) -> str:
+    """The options' part of the idempotency key: the optimizer's options and a forced form (``--form``; the default
+    ``auto`` adds nothing, so a re-run whose measurement picks another form finds the version already registered)."""
+    from mlstep.forms import AUTO
+
+    return options.hash({"form": settings.form} if settings.form != AUTO else None)
 
 
 def _registration_text(report: dict) -> str:

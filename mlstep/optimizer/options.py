@@ -46,7 +46,22 @@ class OptimizeOptions:
         d["disabled_fusions"] = ",".join(sorted(self.disabled_fusions))
         return {k: str(v) for k, v in d.items()}
 
-    def hash(self) -> str:
+    def hash(self, extra: dict[str, str] | None = None) -> str:
+        """The options' part of the registry's idempotency key (``mlstep.registry.publish.idempotency_key``).
+
+        ``verbose`` says nothing about the result and is left out. Fields added after the first release
+        (``HASHED_WHEN_SET``) and the ``extra`` settings (the step's requested form) count only when they differ
+        from their defaults, so a version registered before they existed is still found by a re-run that does not
+        use them."""
         params = self.as_params()
         params.pop("verbose")
+        defaults = OptimizeOptions().as_params()
+        for name in HASHED_WHEN_SET:
+            if params.get(name) == defaults.get(name):
+                params.pop(name, None)
+        params.update(extra or {})
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# fields added after the first release: hashed only when set (see OptimizeOptions.hash)
+HASHED_WHEN_SET: tuple[str, ...] = ()
