@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from _common import compact, op_counts, short_error  # noqa: E402
 
+from mlstep.gates import ratio_interval  # noqa: E402
+
 BERT_SHAPES = ((1, 8), (1, 128), (4, 8), (4, 128), (8, 32))
 GPT2_SHAPES = ((1, 8), (1, 128), (4, 8), (4, 128), (8, 32))     # batch x past, one new token
 OPTIMUM_PYTHON = Path("/work/.venvs/optimum/bin/python")
@@ -123,15 +125,21 @@ def bench_model(title: str, src: Path, peers: dict, shapes, work: Path, args, no
                 runners[name]()
                 times[name].append((time.perf_counter() - t) * 1e3)
         med = {name: statistics.median(v) for name, v in times.items()}
-        med["mlstep"] = med["mlstep fused"] if chosen == forms.FUSED else med[f"form {chosen}"]
+        times["mlstep"] = times["mlstep fused"] if chosen == forms.FUSED else times[f"form {chosen}"]
+        med["mlstep"] = statistics.median(times["mlstep"])
+        # call i of every model ran in the same round: paired ratios, the latency gate's 95% interval
+        med["_vs_export"] = ratio_interval([[x] for x in times["export"]], [[y] for y in times["mlstep"]])
+        if "ORT optimizer" in times:
+            med["_vs_ort"] = ratio_interval([[x] for x in times["ORT optimizer"]], [[y] for y in times["mlstep"]])
         rows.append(((batch, seq), med))
-        print(f"  {title} {batch}x{seq}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + f" -> {chosen}",
+        print(f"  {title} {batch}x{seq}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items() if k[0] != "_")
+              + f" -> {chosen}",
               file=sys.stderr, flush=True)
 
     peer_cols = list(peers)
     shape_head = "batch x past" if past else "batch x seq"
-    head = ["export"] + peer_cols + ["mlstep fused", "mlstep (chosen form)", "form", "mlstep / export",
-                                     "mlstep vs ORT opt"]
+    head = ["export"] + peer_cols + ["mlstep fused", "mlstep (chosen form)", "form", "mlstep / export [95%]",
+                                     "mlstep vs ORT opt [95%]"]
     lines = [f"\n### {title}\n", f"| {shape_head} | " + " | ".join(head) + " |", "|---|" + "--:|" * (len(head) - 3)
              + "---|--:|--:|"]
     ratios, vs_ort = [], []
@@ -139,15 +147,16 @@ def bench_model(title: str, src: Path, peers: dict, shapes, work: Path, args, no
         cells = [f"{med['export']:.1f}"]
         for p in peer_cols:
             cells.append(f"{med[p]:.1f}" if p in med else str(peers[p]).replace("|", "/")[:40])
-        speed = med["export"] / med["mlstep"]
-        ratios.append(speed)
-        ort = med.get("ORT optimizer")
-        vs = f"{ort / med['mlstep']:.2f}x" if ort else "-"
-        if ort:
-            vs_ort.append(ort / med["mlstep"])
-        cells += [f"{med['mlstep fused']:.1f}", f"**{med['mlstep']:.1f}**", choices[(batch, seq)], f"{speed:.2f}x", vs]
+        ratios.append(med["_vs_export"].speedup)
+        vs = _speedup_cell(med["_vs_ort"]) if "_vs_ort" in med else "-"
+        if "_vs_ort" in med:
+            vs_ort.append(med["_vs_ort"].speedup)
+        cells += [f"{med['mlstep fused']:.1f}", f"**{med['mlstep']:.1f}**", choices[(batch, seq)],
+                  _speedup_cell(med["_vs_export"]), vs]
         lines.append(f"| {batch} x {seq} | " + " | ".join(cells) + " |")
     geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    lines.append("speed-up = the other's time / mlstep's, geometric mean of the per-round ratios with its 95% interval; "
+                 "*slower* only when the whole interval is below 1x, *within noise* when it contains 1x")
     lines.append(f"\ngeomean mlstep / export {geo:.2f}x" + (
         f", mlstep / ORT optimizer {math.exp(sum(map(math.log, vs_ort)) / len(vs_ort)):.2f}x" if vs_ort else ""))
     lines.append("fused ops: " + "; ".join(f"{n}: {compact(op_counts(p))}" for n, p in models.items()))
@@ -158,6 +167,13 @@ def bench_model(title: str, src: Path, peers: dict, shapes, work: Path, args, no
     lines.append(f"forms built in {t_build:.1f} s (mlstep optimize x{len(candidates)} incl. writes); "
                  f"form {'/'.join(by_form)}")
     return lines
+
+
+def _speedup_cell(est) -> str:
+    """'1.03x [0.98, 1.08] within noise' from a time-ratio estimate (mlstep / other)."""
+    low, high = 1.0 / est.high, 1.0 / est.low
+    verdict = "faster" if low > 1.0 else "*slower*" if high < 1.0 else "within noise"
+    return f"{est.speedup:.2f}x [{low:.2f}, {high:.2f}] {verdict}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Form selection (mlstep.forms): real tiny exports, real ONNX Runtime sessions, a real MLflow server.
 
 Speed is never asserted here (benchmarks/cpu_latency.py carries the numbers): the tests check what is built,
-that a form failing parity is never chosen (not even timed), that the choice is the measured-fastest passing
-form, and that the choice and its evidence reach report.json, report.md and the MLflow run.
+that a form failing parity is never chosen (not even timed), that a less fused form is chosen only when
+confidently faster than the fused one (paired rounds, 95% interval), and that the choice and its evidence reach report.json, report.md and the MLflow run.
 """
 from __future__ import annotations
 
