@@ -2,7 +2,8 @@
 
 Speed is never asserted here (benchmarks/cpu_latency.py carries the numbers): the tests check what is built,
 that a form failing parity is never chosen (not even timed), that a less fused form is chosen only when
-confidently faster than the fused one (paired rounds, 95% interval), and that the choice and its evidence reach report.json, report.md and the MLflow run.
+confidently faster than the fused one (paired rounds, 95% interval), and that the choice and its evidence reach
+report.json, report.md and the MLflow run.
 """
 from __future__ import annotations
 
