@@ -90,11 +90,11 @@ def engines_for(name: str, info: dict, work: Path, use_gpu: bool) -> list[tuple[
     """(engine, precision, model path) for every ONNX engine of one model; a peer or form that cannot be
     built is logged and left out."""
     engines = [(EXPORT, "fp32", info["path"])]
-    for engine, build in ((PEER, _peer), (MLSTEP, _mlstep_full), (UNFUSED, _mlstep_unfused)):
+    for engine, folder, build in ((PEER, "ort-optimizer", _peer), (MLSTEP, "mlstep-fused", _mlstep_full),
+                                  (UNFUSED, "mlstep-attention-unfused", _mlstep_unfused)):
         start = time.perf_counter()
         try:
-            paths = build(name, info, work / name / engine.split("(")[1].rstrip(")").replace(", ", "-")
-                          .replace(" ", "-"), use_gpu)
+            paths = build(name, info, work / name / folder, use_gpu)
         except Exception as err:
             log(f"{name}: {engine} failed ({str(err).splitlines()[0][:300]})")
             traceback.print_exc(limit=3)
