@@ -138,3 +138,24 @@ def test_peer_gpt2_embedlayer_fp16_variant_passes_parity(entry, tmp_path):
     kept = {k["op"]: k for k in facts["kept_float32"]}
     assert kept["SkipLayerNormalization"]["ops"] and kept["SkipLayerNormalization"]["fp16_error_ratio"] > 0.1
     assert precision_facts(paths["fp32"])["kept_float32"] == []
+
+
+@pytest.mark.skipif(not PEER.is_dir(), reason=f"the peer suite is not checked out at {PEER}")
+def test_the_step_reports_what_it_kept_in_float32(tmp_path):
+    """``mlstep optimize`` on gpt2_embedlayer: both gates pass, report.json carries the measured facts under
+    ``variants.fp16.precision`` and report.md says ``kept in float32: ... — ...`` with the numbers."""
+    import json
+
+    from mlstep import step
+
+    result = step.run(PEER / "gpt2_embedlayer.onnx", tmp_path / "out",
+                      settings=step.StepSettings(benchmark=False))
+    assert result.passed
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    kept = report["variants"]["fp16"]["precision"]["kept_float32"]
+    assert "SkipLayerNormalization" in {k["op"] for k in kept}
+    assert report["variants"]["fp32"]["precision"] == {"kept_float32": [], "note": None}
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    sln = next(k for k in kept if k["op"] == "SkipLayerNormalization")
+    line = next(line for line in markdown.splitlines() if "kept in float32: SkipLayerNormalization" in line)
+    assert line.startswith("- fp16: ") and f"{sln['max_abs_input']:.4g}" in line and "threshold 0.002" in line
