@@ -198,10 +198,17 @@ def _table_rows(value: ir.Value, default: int) -> int:
 
 def _position_rows(model: ir.Model) -> int | None:
     """Rows of the smallest constant table a Gather reads with indices computed from shapes alone (position
-    ids built as ``Range(0, S)``): the longest sequence the graph accepts; None when there is none."""
+    ids built as ``Range(0, S)``), or an EmbedLayerNormalization without position ids reads: the longest
+    sequence the graph accepts; None when there is none."""
     graph_inputs = {id(v) for v in model.graph.inputs}
     rows = []
     for node in model.graph:
+        if node.op_type == "EmbedLayerNormalization" and node.domain == MS_DOMAIN and len(node.inputs) > 3 \
+                and (len(node.inputs) < 9 or node.inputs[8] is None):
+            table = node.inputs[3]           # no position_ids: it reads positions 0..S-1 of its position table
+            if table is not None and table.const_value is not None and table.const_value.shape.dims:
+                rows.append(int(table.const_value.shape[0]))
+            continue
         if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         table = node.inputs[0]
