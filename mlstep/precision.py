@@ -24,6 +24,9 @@ Cases handled:
 - ``keep_io_types=True``: float32 graph inputs stay float32 and are cast once to float16; float16 results
   that are graph outputs are cast back to float32 under the original output name (the float16 value is
   renamed ``<name>_fp16``). ``keep_io_types=False``: float32 inputs and outputs become float16.
+- Nodes measured to need float32 (:mod:`mlstep.precision_ranges`: a normalization whose input sits on an
+  offset float16 cannot resolve, and the chain producing that input) are treated like blocked ops; the
+  model's metadata ``mlstep.fp16.kept_float32`` says which and why, with the numbers.
 - Integer, bool and double tensors are untouched.
 - Cleanup: a ``Cast`` whose input already has the target type (``Cast(x16, to=FLOAT16)`` after conversion, or
   ``Cast(x32, to=FLOAT)``) is removed. Rounding pairs such as ``Cast(Cast(x32, FLOAT16), FLOAT)`` written by
@@ -36,6 +39,7 @@ Cases handled:
 """
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 import numpy as np
@@ -45,6 +49,7 @@ FLOAT = ir.DataType.FLOAT
 FLOAT16 = ir.DataType.FLOAT16
 FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24  # smallest positive subnormal float16
+KEPT_KEY = "mlstep.fp16.kept_float32"  # metadata: the measured float32 islands (json)
 
 # Ops that stay float32: no float16 in the ONNX schema (Range, the ai.onnx.ml classic-ML ops), or a float
 # input the schema fixes to float32 (Resize/Upsample scales), or index-exact results that fp16 would break
@@ -74,11 +79,31 @@ _INT64_OPS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
 
 
 def to_fp16(model: ir.Model, keep_io_types: bool = True,
-            op_block_list: Iterable[str] = DEFAULT_BLOCK_LIST) -> ir.Model:
-    """A float16 copy of ``model`` (see the module docstring for the cases handled)."""
+            op_block_list: Iterable[str] = DEFAULT_BLOCK_LIST, measure_ranges: bool = True) -> ir.Model:
+    """A float16 copy of ``model`` (see the module docstring for the cases handled).
+
+    ``measure_ranges``: run the float32 model once on parity inputs and keep in float32 the normalizations
+    whose input float16 cannot represent to the precision they need, with their input chains
+    (:mod:`mlstep.precision_ranges`); what was kept, with the numbers, is recorded in the model's metadata
+    (:func:`kept_float32` reads it back).
+    """
+    from mlstep import precision_ranges
+
     out = model.clone()
-    _Converter(out, keep_io_types, frozenset(op_block_list)).run()
+    decision = precision_ranges.measure(out) if measure_ranges else precision_ranges.Decision()
+    _Converter(out, keep_io_types, frozenset(op_block_list), frozenset(decision.nodes)).run()
+    if decision.kept or decision.note:
+        out.metadata_props[KEPT_KEY] = json.dumps({"kept_float32": [k.as_dict() for k in decision.kept],
+                                                   "lines": [k.line() for k in decision.kept],
+                                                   "note": decision.note})
     return out
+
+
+def kept_float32(model: ir.Model) -> dict:
+    """What :func:`to_fp16` kept in float32 by measurement: ``{"kept_float32": [...], "lines": [...],
+    "note": str | None}`` (empty lists when nothing was kept)."""
+    text = model.metadata_props.get(KEPT_KEY)
+    return json.loads(text) if text else {"kept_float32": [], "lines": [], "note": None}
 
 
 def fp16_array(array: np.ndarray) -> np.ndarray:
@@ -93,10 +118,12 @@ def fp16_array(array: np.ndarray) -> np.ndarray:
 
 
 class _Converter:
-    def __init__(self, model: ir.Model, keep_io_types: bool, blocked: frozenset[str]):
+    def __init__(self, model: ir.Model, keep_io_types: bool, blocked: frozenset[str],
+                 kept: frozenset[ir.Node] = frozenset()):
         self.model = model
         self.keep_io = keep_io_types
         self.blocked = blocked
+        self.kept = kept
         self.graphs = [model.graph, *model.graph.subgraphs()]
         self.inferred: dict[ir.Value, ir.DataType] = {}
         self.names = {v.name for g in self.graphs for v in _graph_values(g) if v.name}
@@ -110,7 +137,7 @@ class _Converter:
         return value.dtype if value.dtype is not None else self.inferred.get(value)
 
     def is_blocked(self, node: ir.Node) -> bool:
-        return node.op_type in self.blocked or node in self.wide
+        return node.op_type in self.blocked or node in self.wide or node in self.kept
 
     def stays_fp32(self, value: ir.Value) -> bool:
         """A float32 value that keeps its type (before conversion)."""

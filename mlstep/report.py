@@ -67,6 +67,7 @@ class VariantFacts:
     latency: Any = None                        # mlstep.bench.gates.VariantGate
     baseline: Any = None                       # mlstep.bench.LatencyStats of the unoptimized source
     registered: str | None = None
+    precision: Mapping[str, Any] | None = None  # mlstep.variants.precision_facts: ops kept in float32, why
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,13 @@ def _variant(facts: VariantFacts, verdict) -> dict:
             "latency_ms": latency,
             "gate": {**{g.gate: g.state for g in gates}, "passed": verdict.passed,
                      "reasons": {g.gate: g.reason for g in gates}},
-            "registered": facts.registered}
+            "registered": facts.registered,
+            "precision": _precision(facts.precision)}
+
+
+def _precision(facts: Mapping[str, Any] | None) -> dict:
+    facts = facts or {}
+    return {"kept_float32": list(facts.get("kept_float32") or []), "note": facts.get("note")}
 
 
 def gates_passed(report: Mapping) -> bool:
@@ -229,6 +236,7 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
             [kind, f"{b['fused']}/{b['detected']}", "; ".join(b["misses"]) or "-"] for kind, b in blocks.items()])
     lines += [f"- note: {note}" for note in report.get("notes") or []]
     lines += _forms_section(report)
+    lines += _precision_lines(report)
     lines += ["", "## Parity", ""]
     lines += _md_table(["variant", "max |diff|", "worst output", "worst case", "cases", "result"], [
         [n, "-" if v["parity"]["max_abs_diff"] is None else f"{v['parity']['max_abs_diff']:.3e}",
@@ -253,6 +261,22 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
             lines.append(f"- **{entry.name}**: fused {entry.fused}")
             lines += [f"  - refused: {scrub(str(reason))}" for reason in entry.refused]
     return "\n".join(lines) + "\n"
+
+
+def _precision_lines(report: Mapping) -> list[str]:
+    """``kept in float32: <ops> — <why, numbers>`` per variant whose conversion kept ops in float32."""
+    lines = []
+    for name, variant in report["variants"].items():
+        precision = variant.get("precision") or {}
+        for kept in precision.get("kept_float32") or []:
+            chain = f" and {len(kept['ops'])} ops of its input chain ({', '.join(kept['ops'])})" if kept["ops"] else ""
+            lines.append(f"- {name}: kept in float32: {kept['op']} `{kept['node']}`{chain} — its input reaches "
+                         f"{kept['max_abs_input']:.4g} with a row spread down to {kept['min_row_spread']:.3g}: "
+                         f"float16 would round it by {kept['fp16_error_ratio']:.3g} of the normalized peak "
+                         f"(threshold {kept['threshold']:g})")
+        if precision.get("note"):
+            lines.append(f"- {name}: {precision['note']}")
+    return ([""] + ["## Precision", ""] + lines) if lines else []
 
 
 def runtime_line(report: Mapping) -> str | None:

@@ -248,6 +248,7 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
                                                         source=src.precision)
         for name, path in paths.items():
             runtime.load_check(path, name, providers)
+        precision = {name: variant_builder.precision_facts(path) for name, path in paths.items()}
     parity, latency = {}, None
     if settings.validate:
         with _stage(listener, "parity", f"{len(src.cases)} cases") as note:
@@ -273,7 +274,8 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
         variants={name: report.VariantFacts(path=f"{name}/{MODEL_FILE}", fusions=fusions[name],
                                             parity=parity.get(name),
                                             latency=latency.variants.get(name) if latency else None,
-                                            baseline=latency.baseline if latency else None)
+                                            baseline=latency.baseline if latency else None,
+                                            precision=precision[name])
                   for name in names},
         mlflow=registry.record(src.store, src.resolved, src.register_as) if src.store else None)
     fusion_log = optimized.log if options.verbose else None

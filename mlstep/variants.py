@@ -10,6 +10,7 @@ only for fp32 of an fp16 source is a usage error (exit 2): upcasting would not g
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import onnx_ir as ir
@@ -60,3 +61,14 @@ def build_variants(model: ir.Model, precisions: tuple[str, ...], directory: Path
         paths[name] = io.save(variant, Path(directory) / name / MODEL_FILE)
         fusions[name] = dict(count_fused_ops(variant))
     return paths, fusions
+
+
+def precision_facts(path: Path) -> dict:
+    """What the conversion kept in float32 by measurement (read from the written variant's metadata)."""
+    import onnx
+
+    from mlstep.precision import KEPT_KEY
+
+    proto = onnx.load(str(path), load_external_data=False)
+    text = next((p.value for p in proto.metadata_props if p.key == KEPT_KEY), None)
+    return json.loads(text) if text else {"kept_float32": [], "lines": [], "note": None}

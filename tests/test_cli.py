@@ -18,7 +18,7 @@ MLSTEP = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-c", "from ml
 
 REPORT_KEYS = {"source", "model_type", "num_heads", "hidden_size", "options", "optimizer_seconds", "mlflow",
                "coverage", "notes", "runtime", "forms", "variants"}
-VARIANT_KEYS = {"path", "fusions", "parity", "latency_ms", "gate", "registered"}
+VARIANT_KEYS = {"path", "fusions", "parity", "latency_ms", "gate", "registered", "precision"}
 
 
 def mlstep(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

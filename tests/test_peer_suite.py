@@ -31,6 +31,8 @@ PASSING = {
     "bert_attention_reverse_add_order", "keras_bert_squad",
     "bert_attention_varied_qkv", "bert_attention_varied_qkv_wrong_args", "bert_3d_attention_tf2onnx",
     "keras_bert_mrpc_opset10", "gpt2_no_past", "gpt2_past",
+    "gpt2_embedlayer", "gpt2_embedlayer_one_attn", "gpt2_embedlayer_one_attn_output_sum",
+    "gpt2_embedlayer_one_attn_output_sum_no_sln",
 }
 # One entry per layout class, run always: ReduceSum mask index + Range positions behind -1 dims and unsorted nodes,
 # a mask built from the ids' shape, several embeddings, ai.onnx default domain, GPT-2 with past (Reshape(-1, S) ids,

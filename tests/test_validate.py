@@ -69,6 +69,44 @@ def test_int32_inputs_and_vocab_from_embed_layer_norm(tmp_path):
         assert case.feeds["input_ids"].shape == (2, 8)
 
 
+def test_position_ids_of_embed_layer_norm_bound_the_ids_it_shares(tmp_path):
+    """One ``ids`` input read as input, segment and position ids of an EmbedLayerNormalization (ORT's GPT-2 test
+    graphs after fusion): the position table (input 3, 10 rows here) bounds it too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    tables = {name: numpy_helper.from_array(rng.standard_normal((rows, 8)).astype(np.float32), name)
+              for name, rows in (("word", 101), ("pos", 10), ("seg", 100))}
+    norm = [numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    node = helper.make_node("EmbedLayerNormalization", ["ids", "ids", "word", "pos", "seg", "g", "b", "", "ids"],
+                            ["out", "mask_index"], domain="com.microsoft")
+    graph = helper.make_graph([node], "eln", [helper.make_tensor_value_info("ids", TensorProto.INT32, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [*tables.values(), *norm])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                 helper.make_opsetid("com.microsoft", 1)]))
+    for case in synthesize_inputs(model, sequence=8):
+        assert case.feeds["ids"].max() < 10
+
+
+def test_embed_layer_norm_without_position_ids_bounds_the_sequence():
+    """Without position ids an EmbedLayerNormalization reads rows 0..S-1 of its position table (5 rows here):
+    the synthesized sequence never exceeds it (a fused ELN table of 2 rows made every case fail in ORT)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("word", (30, 8)), ("pos", (5, 8)), ("g", (8,)), ("b", (8,)))]
+    node = helper.make_node("EmbedLayerNormalization", ["ids", "", "word", "pos", "", "g", "b"],
+                            ["out", "mask_index"], domain="com.microsoft")
+    graph = helper.make_graph([node], "eln", [helper.make_tensor_value_info("ids", TensorProto.INT32, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                                 helper.make_opsetid("com.microsoft", 1)]))
+    for case in synthesize_inputs(model, sequence=8):
+        assert case.feeds["ids"].shape == (2, 5) and case.feeds["ids"].max() < 30
+
+
 def test_mask_dtypes_positions_past_and_static_dims(tmp_path):
     f, i32, b = TensorProto.FLOAT, TensorProto.INT32, TensorProto.BOOL
     inputs = [helper.make_tensor_value_info("input_ids", i32, ["batch", "sequence"]),

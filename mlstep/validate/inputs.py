@@ -31,6 +31,9 @@ DEFAULT_VOCAB = 100
 MS_DOMAIN = "com.microsoft"
 MAX_ELEMENTS = 1 << 26          # per input and in all (64 Mi values: 256 MiB of float32)
 # ops whose data operand (0) reaches the output with its values unchanged (reshaped, selected, repeated)
+# EmbedLayerNormalization: index input -> the table it selects from (ids -> word, segment ids -> segment,
+# position ids -> position embeddings)
+_ELN_TABLES = {0: 2, 1: 4, 8: 3}
 _INDEX_PATH = ("Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice", "Expand", "Transpose",
                "Tile")
 
@@ -184,8 +187,9 @@ def _table_rows(value: ir.Value, default: int) -> int:
                 frontier.extend(node.outputs)
             elif node.op_type == "Gather" and index == 1:
                 table = node.inputs[0]
-            elif node.op_type == "EmbedLayerNormalization" and node.domain == MS_DOMAIN and index in (0, 1):
-                table = node.inputs[2 if index == 0 else 4] if len(node.inputs) > (2 if index == 0 else 4) else None
+            elif node.op_type == "EmbedLayerNormalization" and node.domain == MS_DOMAIN and index in _ELN_TABLES:
+                at = _ELN_TABLES[index]
+                table = node.inputs[at] if len(node.inputs) > at else None
             if table is not None and table.shape is not None and len(table.shape) >= 1 \
                     and isinstance(table.shape[0], int) and table.const_value is not None:
                 rows.append(int(table.shape[0]))
@@ -194,10 +198,17 @@ def _table_rows(value: ir.Value, default: int) -> int:
 
 def _position_rows(model: ir.Model) -> int | None:
     """Rows of the smallest constant table a Gather reads with indices computed from shapes alone (position
-    ids built as ``Range(0, S)``): the longest sequence the graph accepts; None when there is none."""
+    ids built as ``Range(0, S)``), or an EmbedLayerNormalization without position ids reads: the longest
+    sequence the graph accepts; None when there is none."""
     graph_inputs = {id(v) for v in model.graph.inputs}
     rows = []
     for node in model.graph:
+        if node.op_type == "EmbedLayerNormalization" and node.domain == MS_DOMAIN and len(node.inputs) > 3 \
+                and (len(node.inputs) < 9 or node.inputs[8] is None):
+            table = node.inputs[3]           # no position_ids: it reads positions 0..S-1 of its position table
+            if table is not None and table.const_value is not None and table.const_value.shape.dims:
+                rows.append(int(table.const_value.shape[0]))
+            continue
         if node.op_type != "Gather" or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         table = node.inputs[0]
