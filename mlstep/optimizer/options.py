@@ -22,6 +22,7 @@ class OptimizeOptions:
     use_gpu: bool = False          # validate on CUDA when it loads; GPU-friendly choices
     opt_level: int = 0             # ONNX Runtime graph optimizer pre-pass level (0 = none)
     verbose: bool = False          # per pass: what fused, what was refused and why
+    exact_padding: bool = False    # refuse a fusion that differs from the export on padded queries that see no key
     disabled_fusions: frozenset[str] = field(default_factory=frozenset)
 
     def validate(self) -> "OptimizeOptions":
@@ -49,4 +50,6 @@ class OptimizeOptions:
     def hash(self) -> str:
         params = self.as_params()
         params.pop("verbose")
+        if params["exact_padding"] == "False":   # the default: hashes of runs before the option stay the same
+            params.pop("exact_padding")
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
