@@ -166,3 +166,33 @@ def test_two_generation_steps_agree_on_every_real_token(past_mask):
                                              if (~hidden).any() else 0.0))
     assert not tolerance_failures, tolerance_failures
     assert padded_diff > 10 * FP32_ATOL     # the prompt's padded rows do differ: the case is real
+
+
+def test_cli_reports_what_parity_left_out_and_exact_padding_refuses(tmp_path):
+    """The command as users run it: by default the report says plainly which values parity left out; with
+    --exact-padding the option is recorded and the attention block stays unfused with the old reason (exit 1)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "mlstep"
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "from mlstep.cli.main import app; app()"]
+    runs = {}
+    for name, extra in (("default", []), ("exact", ["--exact-padding"])):
+        out = tmp_path / name
+        proc = subprocess.run(command + ["optimize", str(PAST_MASK), "--output", str(out), "--skip-benchmark",
+                                         "--no-register", "--form", "fused", *extra],
+                              capture_output=True, text=True, timeout=600)
+        runs[name] = (proc, json.loads((out / "report.json").read_text()), (out / "report.md").read_text())
+    proc, report, markdown = runs["default"]
+    assert proc.returncode == 0, proc.stderr
+    assert report["options"]["exact_padding"] is False
+    for variant in ("fp32", "fp16"):
+        left_out = report["variants"][variant]["parity"]["not_compared"]
+        assert left_out["mask"] == "attention_mask" and left_out["values"] > 0 and left_out["max_abs_diff"] > 0
+        assert left_out["reason"] in markdown and "--exact-padding" in left_out["reason"]
+    assert any("'attention_mask'" in note for note in report["notes"])
+    proc, report, _ = runs["exact"]
+    assert proc.returncode == 1 and report["options"]["exact_padding"] is True
+    assert BLIND_REASON in report["coverage"]["blocks"]["attention"]["misses"][0]
+    assert all("not_compared" not in v["parity"] for v in report["variants"].values())
