@@ -56,7 +56,8 @@ def test_fused_and_recorded(past_mask):
     assert any("'attention_mask'" in line and "--exact-padding" in line for line in result.summary_lines())
     for path in (fp32, fp16):       # the fp16 conversion keeps it; no fused node keeps its own copy
         assert _metadata(path)[UNSPECIFIED_PADDING] == "attention_mask"
-        assert all(UNSPECIFIED_PADDING not in {p.key for p in n.metadata_props} for n in onnx.load(str(path)).graph.node)
+        nodes = onnx.load(str(path)).graph.node
+        assert all(UNSPECIFIED_PADDING not in {p.key for p in n.metadata_props} for n in nodes)
 
 
 @pytest.mark.parametrize("path", [PAST_MASK, ATTENTION, ATTENTION_ADD], ids=lambda p: p.stem)
