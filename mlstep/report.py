@@ -22,6 +22,9 @@ MLflow)::
                            "registered": "models:/NAME/VERSION" | null},
                   "fp16": {...}}}
 
+- ``parity.not_compared`` (only for a variant whose attention fusion leaves padded rows unspecified, see
+  ``mlstep.validate.parity``): ``{"mask", "values", "max_abs_diff", "per_output", "reason"}``, the values left
+  out of the comparison and why, in plain words (also in report.md under Parity).
 - ``path`` is relative to the report's folder (the output folder is assembled elsewhere and moved into
   place, so an absolute path would be stale).
 - A skipped stage keeps its keys with ``null`` values (``--skip-validation``: parity values are null).
@@ -132,6 +135,8 @@ def _variant(facts: VariantFacts, verdict) -> dict:
         parity = {"max_abs_diff": float(facts.parity.max_abs_diff), "passed": bool(facts.parity.passed),
                   "worst_output": facts.parity.worst_output, "worst_case": facts.parity.worst_case,
                   "cases": list(facts.parity.cases)}
+        if facts.parity.excluded:
+            parity["not_compared"] = not_compared(facts.parity)
     latency = {"median": None, "p90": None, "p95": None, "baseline_median": None, "speedup": None,
                "speedup_interval": None}
     gate = facts.latency
@@ -154,6 +159,23 @@ def _variant(facts: VariantFacts, verdict) -> dict:
 def _precision(facts: Mapping[str, Any] | None) -> dict:
     facts = facts or {}
     return {"kept_float32": list(facts.get("kept_float32") or []), "note": facts.get("note")}
+
+
+NOT_COMPARED = ("positions the attention mask marks as padding that see no key are not compared ({values} values; "
+                "max difference {diff}): ONNX Runtime's fused attention defines those rows differently from the "
+                "export; they are masked for every real token. `--exact-padding` refuses this fusion instead.")
+
+
+def not_compared(parity) -> dict:
+    """The parity values left out (ParityResult.excluded): which mask, how many, their largest difference, said
+    plainly."""
+    values = sum(count for count, _ in parity.excluded.values())
+    diff = max((d for _, d in parity.excluded.values()), default=0.0)
+    return {"mask": parity.unspecified_padding, "values": values,
+            "max_abs_diff": diff if math.isfinite(diff) else None,
+            "per_output": {name: {"values": count, "max_abs_diff": d if math.isfinite(d) else None}
+                           for name, (count, d) in sorted(parity.excluded.items())},
+            "reason": NOT_COMPARED.format(values=values, diff=f"{diff:.3e}")}
 
 
 def gates_passed(report: Mapping) -> bool:
@@ -244,6 +266,9 @@ def render_markdown(report: Mapping, fusion_log: Sequence | None = None) -> str:
          f"`{v['parity']['worst_case']}`" if v["parity"]["worst_case"] else "-", str(len(v["parity"]["cases"])),
          v["gate"]["parity"]]
         for n, v in report["variants"].items()])
+    left_out = [f"- {n}: {v['parity']['not_compared']['reason']}" for n, v in report["variants"].items()
+                if v["parity"].get("not_compared")]
+    lines += [""] + left_out if left_out else []
     lines += ["", "## Latency (ms)", ""]
     lines += _md_table(["variant", "median", "p90", "p95", "baseline median", "speedup", "95% interval", "gate"], [
         [n, _num(v["latency_ms"]["median"]), _num(v["latency_ms"]["p90"]), _num(v["latency_ms"]["p95"]),

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 from mlstep import forms, gates, outdir, registry, report, runtime
 from mlstep.errors import GateFailedError, RegistryError, UsageError
+from mlstep.optimizer.fusions._base import UNSPECIFIED_PADDING
 from mlstep.optimizer.options import OptimizeOptions
 from mlstep.redact import scrub
 from mlstep.variants import MODEL_FILE, PRECISIONS
@@ -243,6 +244,8 @@ def _work(src: _Source, staging: Path, output_dir: Path, options: OptimizeOption
     with _stage(listener, "forms") as note:
         selection = _select_form(src, optimized, options, settings, providers, staging)
         note(f"{selection.chosen}" + (f" ({_form_text(selection)})" if selection.measured else ""))
+    if UNSPECIFIED_PADDING in selection.candidate(selection.chosen).model.metadata_props:
+        notes += optimized.notes                              # the chosen form leaves padded rows unspecified
     with _stage(listener, "variants", ", ".join(names)):
         paths, fusions = variant_builder.build_variants(selection.candidate(selection.chosen).model, names, staging,
                                                         source=src.precision)

@@ -77,7 +77,7 @@ def test_optimize_help_lists_every_flag():
     assert proc.returncode == 0, proc.stderr
     for flag in ("--output", "--precision", "--skip-validation", "--skip-benchmark", "--model-type",
                  "--num-heads", "--hidden-size", "--input-int32", "--use-gpu", "--opt-level", "--verbose",
-                 "--disable-fusion", "--batch-size", "--sequence-length"):
+                 "--disable-fusion", "--batch-size", "--sequence-length", "--exact-padding"):
         assert flag in proc.stdout, flag
 
 

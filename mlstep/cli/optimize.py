@@ -123,6 +123,11 @@ FormOpt = Annotated[str, typer.Option(
     "--form", metavar="auto|fused|attention-unfused|unfused", rich_help_panel=STEP,
     help="Which form of the optimized model the variants are: 'auto' times every form that passes parity at "
          "the gated shape on the target provider and keeps the fastest (mlstep.forms); a name forces it.")]
+ExactPaddingOpt = Annotated[bool, typer.Option(
+    "--exact-padding", rich_help_panel=OPT,
+    help="Refuse an attention fusion whose fused op defines padded positions that see no key differently from "
+         "the export (older GPT-2 exports under left padding); by default it fuses and parity leaves those "
+         "positions out, saying so in the report.")]
 DisableFusionOpt = Annotated[Optional[list[Fusion]], typer.Option(
     "--disable-fusion", case_sensitive=False, show_default=False, rich_help_panel=OPT,
     help="Turn one fusion off; repeat for several.")]
@@ -151,6 +156,7 @@ def optimize(
     use_gpu: UseGpuOpt = False,
     opt_level: OptLevelOpt = 0,
     verbose: VerboseOpt = False,
+    exact_padding: ExactPaddingOpt = False,
     disable_fusion: DisableFusionOpt = None,
     register_as: RegisterAsOpt = None,
     no_register: NoRegisterOpt = False,
@@ -171,7 +177,7 @@ def optimize(
 
     options = OptimizeOptions(
         model_type=model_type.value, num_heads=num_heads, hidden_size=hidden_size, input_int32=input_int32,
-        use_gpu=use_gpu, opt_level=opt_level, verbose=verbose,
+        use_gpu=use_gpu, opt_level=opt_level, verbose=verbose, exact_padding=exact_padding,
         disabled_fusions=frozenset(f.value for f in disable_fusion or ()))
     settings = step.StepSettings(
         precisions=comma_list(precision) or step.PRECISIONS,

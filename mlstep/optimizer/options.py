@@ -22,6 +22,7 @@ class OptimizeOptions:
     use_gpu: bool = False          # validate on CUDA when it loads; GPU-friendly choices
     opt_level: int = 0             # ONNX Runtime graph optimizer pre-pass level (0 = none)
     verbose: bool = False          # per pass: what fused, what was refused and why
+    exact_padding: bool = False    # refuse a fusion that differs from the export on padded queries that see no key
     disabled_fusions: frozenset[str] = field(default_factory=frozenset)
 
     def validate(self) -> "OptimizeOptions":
@@ -64,4 +65,4 @@ class OptimizeOptions:
 
 
 # fields added after the first release: hashed only when set (see OptimizeOptions.hash)
-HASHED_WHEN_SET: tuple[str, ...] = ()
+HASHED_WHEN_SET: tuple[str, ...] = ("exact_padding",)

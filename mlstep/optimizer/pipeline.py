@@ -13,7 +13,8 @@ from mlstep.optimizer import io
 from mlstep.optimizer.coverage import EXPLAINED_BY, BlockCoverage, census, tally
 from mlstep.optimizer.detect import Detected, detect
 from mlstep.optimizer.fusions import FUSION_ORDER
-from mlstep.optimizer.fusions._base import MS_DOMAIN, FusionContext, FusionLog, explain_misses, run_fusion
+from mlstep.optimizer.fusions._base import (MS_DOMAIN, UNSPECIFIED_PADDING, FusionContext, FusionLog,
+                                             explain_misses, run_fusion)
 from mlstep.optimizer.options import OptimizeOptions
 from mlstep.optimizer.passes import input_int32, ort_prepass, prepare, count_fused_ops
 
@@ -27,6 +28,16 @@ class OptimizeResult:
     seconds: float = 0.0
     coverage: dict[str, BlockCoverage] = field(default_factory=dict)   # kind -> blocks seen / fused
     repairs: tuple[str, ...] = ()           # what io.load repaired in the source (as ONNX Runtime reads it)
+    # mask inputs whose zero positions the fused attention defines differently from the export (queries that see
+    # no key); recorded in the model's metadata_props too (UNSPECIFIED_PADDING), where parity reads it
+    unspecified_padding: tuple[str, ...] = ()
+
+    @property
+    def notes(self) -> list[str]:
+        """What the fusions decided that the report must say (not a miss, not a repair)."""
+        return [f"attention fused although rows that see no key differ: the zero positions of {name!r} (padding) "
+                "are unspecified in the fused model (parity leaves them out; --exact-padding refuses the fusion)"
+                for name in self.unspecified_padding]
 
     @property
     def model_type(self) -> str:
@@ -35,7 +46,7 @@ class OptimizeResult:
     def summary_lines(self) -> list[str]:
         """Coverage per block kind (``attention 1/2: layer 1: <reason>``), then each fusion's count; a fusion
         that fused nothing says why (its refusals, its kind's miss, or that the graph has no such form)."""
-        lines = [f"repaired on load: {repair}" for repair in self.repairs] + list(self.detected.notes)
+        lines = [f"repaired on load: {repair}" for repair in self.repairs] + list(self.detected.notes) + self.notes
         lines += [c.line() for c in self.coverage.values() if c.detected or c.fused]
         misses = {name: c.misses[0] for c in self.coverage.values() if c.misses
                   for name in EXPLAINED_BY.get(c.kind, ())}
@@ -64,7 +75,7 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
     detected = detect(model, options)
     blocks = census(model, detected.model_type)     # the blocks to fuse, counted before any fusion
     ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu,
-                        tuple(sequence_lengths))
+                        tuple(sequence_lengths), options.exact_padding)
     log, traced = [], {}
     for fusion in FUSION_ORDER:
         if fusion.name in options.disabled_fusions:
@@ -80,7 +91,22 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
     if options.input_int32:
         input_int32(model)
     _cleanup(model)
-    return OptimizeResult(model, detected, count_fused_ops(model), log, time.perf_counter() - start, coverage)
+    unspecified = record_unspecified_padding(model)
+    return OptimizeResult(model, detected, count_fused_ops(model), log, time.perf_counter() - start, coverage,
+                          unspecified_padding=unspecified)
+
+
+def record_unspecified_padding(model: ir.Model) -> tuple[str, ...]:
+    """The mask inputs fused nodes name as padding they define differently (UNSPECIFIED_PADDING), moved from the
+    nodes to the model's metadata_props (comma-separated), where every variant written from it carries them."""
+    names = []
+    for node in model.graph:
+        name = node.metadata_props.pop(UNSPECIFIED_PADDING, None)
+        if name and name not in names:
+            names.append(name)
+    if names:
+        model.metadata_props[UNSPECIFIED_PADDING] = ",".join(names)
+    return tuple(names)
 
 
 def _kind_of(title: str, model_type: str) -> str | None:

@@ -311,8 +311,11 @@ def per_key_bias(model: ir.Model, bias: ir.Value, lengths: Sequence[int] = ()) -
     return ""
 
 
+PADDED_QUERY_ROWS_DIFFER = "padded-query rows differ"   # causal_masking's note: see its docstring
+
+
 def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: dict[ir.Value, str],
-                   with_past: bool) -> tuple[ir.Value | None, float, str]:
+                   with_past: bool, exact_padding: bool = False) -> tuple[ir.Value | None, float, str, str]:
     """Is the masking step ``scores -> masked`` (whatever ops an export spells it with) exactly causal
     attention with an optional 2-D padding mask: ``masked = scores`` where key ``j <= past + i`` and
     ``mask[b, j] == 1``, and a large negative value (<= -5000, gone after Softmax) elsewhere?
@@ -322,15 +325,23 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
     and N, are taken from the letters' values given as ``"BNSd:4:16"``); they are fed, so the probe runs only
     the step itself. Scores are random, at the lengths of CAUSAL_PROBES(_WITH_PAST) (past 0 and > 0, totals up
     to 73, left and right padding). Returns (the mask input or None when there is none, the fill to give the
-    fused op, "") or (None, 0, reason)."""
+    fused op, "", note) or (None, 0, reason, "").
+
+    Rows that see no key (under left padding: the padded queries themselves) are the one place where a fused op
+    with an additive fill can differ from an export that *replaces* future scores by its fill and *adds* the
+    padding bias (older GPT-2: ``Where(causal, s, -1e4) + (1 - mask) * -1e4``): its softmax mixes ``s_j - 1e4``
+    with ``-1e4``, which no score-independent bias reproduces. Every other row is checked exactly as before. When
+    those blind rows are the only disagreement, the masking is accepted with the note PADDED_QUERY_ROWS_DIFFER
+    (the fusion records the mask input as one whose zero positions are unspecified, and parity leaves those
+    positions out); with ``exact_padding`` it is refused with the blind-row reason."""
     values = tuple(cuts)
     anc = ancestry(model.graph, masked, values)
     sources = [v for v in anc.data_inputs if all(v is not c for c in values)]
     if len(sources) > 1:
-        return None, 0.0, f"the attention masking reads {[v.name for v in sources]}, not one mask input"
+        return None, 0.0, f"the attention masking reads {[v.name for v in sources]}, not one mask input", ""
     source = sources[0] if sources else None
     if source is not None and (source.shape is None or len(source.shape) != 2 or source.dtype not in _NP):
-        return None, 0.0, f"the attention masking reads {source.name!r}, which is not a 2-D mask input"
+        return None, 0.0, f"the attention masking reads {source.name!r}, which is not a 2-D mask input", ""
     rng = np.random.default_rng(0)
     feeds_list, cases = [], []
     for batch, seq, past in CAUSAL_PROBES_WITH_PAST + BLIND_PROBES_WITH_PAST if with_past else CAUSAL_PROBES:
@@ -352,21 +363,21 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
     try:   # a length the step itself cannot run (a causal table of n_ctx rows) is one no input can have
         outs = evaluate(model, masked, feeds_list, values, skip_failures=True)
     except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
-        return None, 0.0, f"the attention masking could not be probed ({type(err).__name__})"
+        return None, 0.0, f"the attention masking could not be probed ({type(err).__name__})", ""
     ran = [(case, out) for case, out in zip(cases, outs) if out is not None]
     if len(ran) < 2 or (with_past and not any(past > 0 for (_, _, past, _), _ in ran)):
-        return None, 0.0, "the attention masking could not be probed (it fails on the probe lengths)"
+        return None, 0.0, "the attention masking could not be probed (it fails on the probe lengths)", ""
     fills = []
     for (mask, seq, past, s), out in ran:
         if out.shape != s.shape:
-            return None, 0.0, f"the attention masking gives shape {out.shape}, not the scores' {s.shape}"
+            return None, 0.0, f"the attention masking gives shape {out.shape}, not the scores' {s.shape}", ""
         total = past + seq
         causal = np.arange(total)[None, :] <= (past + np.arange(seq))[:, None]
         allow = np.broadcast_to(mask[:, None, None, :].astype(bool) & causal[None, None], s.shape)
         if not np.allclose(out[allow], s[allow], rtol=1e-6, atol=0.0):
-            return None, 0.0, "the attention masking changes visible scores (not causal + padding)"
+            return None, 0.0, "the attention masking changes visible scores (not causal + padding)", ""
         if np.any(out[~allow] > -5000.0):
-            return None, 0.0, "the attention masking does not block future or padded keys (not causal)"
+            return None, 0.0, "the attention masking does not block future or padded keys (not causal)", ""
         # the fill the fused op adds to padded keys: the export's on past/current padded keys (future keys
         # are dropped by the fused op whatever their fill)
         padded = ~allow & ~np.broadcast_to((np.arange(total)[None, :] > (past + np.arange(seq))[:, None]), s.shape)
@@ -374,11 +385,13 @@ def causal_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, cuts: di
         fills += [float(np.median(out[where].astype(np.float64) - s[where]))] if where.any() else []
     fill = max(min(fills, default=-10000.0), float(np.finfo(np.float32).min))
     fill = round(fill, 0) if abs(fill) < 1e30 else fill
+    note = ""
     for (mask, seq, past, s), out in ran:
         reason = _blind_rows_agree(mask, seq, past, s, out, fill)
-        if reason:
-            return None, 0.0, reason
-    return source, fill, ""
+        if reason and exact_padding:
+            return None, 0.0, reason, ""
+        note = PADDED_QUERY_ROWS_DIFFER if reason else note
+    return source, fill, "", note
 
 
 def _blind_rows_agree(mask: np.ndarray, seq: int, past: int, s: np.ndarray, out: np.ndarray, fill: float) -> str:

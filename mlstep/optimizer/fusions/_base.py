@@ -15,6 +15,9 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter._basics import MatchStatus
 
 MS_DOMAIN = "com.microsoft"
+# A fused node's (then the model's) metadata key: the graph input whose zero positions are padding the fused op
+# defines differently from the export (rows that see no key; see probe.causal_masking). Parity leaves them out.
+UNSPECIFIED_PADDING = "mlstep.unspecified_padding"
 
 
 @dataclass
@@ -26,6 +29,7 @@ class FusionContext:
     hidden_size: int = 0
     use_gpu: bool = False
     sequence_lengths: tuple[int, ...] = ()   # the user's sequence lengths: masks are probed there too
+    exact_padding: bool = False              # refuse a fusion that differs on padded queries that see no key
 
 
 @dataclass

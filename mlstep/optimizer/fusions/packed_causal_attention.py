@@ -20,7 +20,10 @@ not recognised by its spelling: its pattern only says which values it reads, and
 runs it on random scores at short and long lengths, with and without past and padding, and requires it to
 be exactly "keep the score where key j <= past + i and mask[b, j] == 1, a large negative value elsewhere".
 A sliding window, a shifted diagonal or a mask read from anything but one 2-D input is refused with the
-probe's reason.
+probe's reason. Where the export replaces future scores and adds the padding bias (``Where(causal, s, -1e4)``
+plus ``(1 - mask) * -1e4``), queries that see no key (left-padded positions) get another row from the fused
+op: the fusion is taken (unless ``exact_padding``) and its node names the mask input whose zero positions are
+unspecified (``UNSPECIFIED_PADDING``); every other row is exact.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar, last_axis
+from mlstep.optimizer.fusions._base import (MS_DOMAIN, UNSPECIFIED_PADDING, Fusion, FusionContext, const_array,
+                                             const_scalar, last_axis)
 from mlstep.optimizer.probe import causal_masking, evaluate
 from mlstep.optimizer.values import facts
 
@@ -130,8 +134,8 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                 if _unsqueeze_axes(node.producer()) != [0]:
                     return result.fail("the present is not the key and value stacked on a new first axis")
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
-        source, _fill, reason = self._masking(context.model, scores, masked, raw_scores, heads, head_size,
-                                              past_k is not None)
+        source, _fill, reason, _note = self._masking(context.model, scores, masked, raw_scores, heads, head_size,
+                                                     past_k is not None)
         if reason:
             return result.fail(reason)
         return result
@@ -141,7 +145,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         hidden = const_array(w).shape[1] // 3
         heads, head_size = self._heads(self._facts(raw_scores.graph), q_shape, hidden)
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
-        source, fill, _ = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
+        source, fill, _, note = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
         scale = self._scale(q_scaling, k_scaling, s_scaling, q_scale, k_scale, s_scale)
         attrs = {"num_heads": heads, "unidirectional": 1, "mask_filter_value": float(fill)}
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
@@ -150,10 +154,11 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                                                                            name=f"{b.name}_1d"))
         mask = None if source is None else op.Cast(source, to=ir.DataType.INT32)
         if past_k is None:
-            return op.Attention(x, w, bias, mask, _domain=MS_DOMAIN, **attrs)
+            out = op.Attention(x, w, bias, mask, _domain=MS_DOMAIN, **attrs)
+            return _mark_unspecified(out, source if note else None)
         past = _past_source(past_k, 0, transposed=self._past == "kt")
         out, present = op.Attention(x, w, bias, mask, past, _domain=MS_DOMAIN, _outputs=2, **attrs)
-        return out, present
+        return _mark_unspecified(out, source if note else None), present
 
     # --- facts the check and the rewrite share ------------------------------------------------------
 
@@ -204,8 +209,16 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                 concat = concat.inputs[0].producer() if concat.op_type in ("Div", "Mul") else concat
                 if concat.op_type == "Transpose":     # K' on the sequence axis, transposed after
                     cuts[concat.inputs[0]] = "BNTd"
-            memo[key] = causal_masking(model, scores, masked, cuts, with_past)
+            memo[key] = causal_masking(model, scores, masked, cuts, with_past, self._ctx.exact_padding)
         return memo[key]
+
+
+def _mark_unspecified(out: ir.Value, mask: ir.Value | None) -> ir.Value:
+    """Rows that see no key differ from the export (probe.causal_masking's note): the fused node names the mask
+    input whose zero positions are therefore unspecified; the pipeline records it on the model."""
+    if mask is not None:
+        out.producer().metadata_props[UNSPECIFIED_PADDING] = mask.name
+    return out
 
 
 def masked_input(raw_scores: ir.Value, s_scaling: str) -> ir.Value:
