@@ -31,7 +31,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import MS_DOMAIN, Fusion, FusionContext, const_array, const_scalar, last_axis
-from mlstep.optimizer.probe import causal_masking, evaluate
+from mlstep.optimizer.probe import ancestry, causal_masking, evaluate, table_masking
 from mlstep.optimizer.values import facts
 
 
@@ -89,6 +89,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                                   op.Add(bias, scores)], tag_var="mask_form",
                                  tag_values=["keep", "keep+bias", "bias+keep", "bias", "bias'"])
         probs = op.Softmax(masked, _outputs=["probs"])
+        probs = pattern.OrValue([op.Cast(probs, to=ir.DataType.FLOAT), probs])   # Megatron: a no-op .float()
         ctx = op.MatMul(probs, v_all)
         merged = op.Reshape(op.Transpose(ctx, perm=[0, 2, 1, 3]), pattern.ANY_VALUE, _outputs=["merged"])
         if self._past is None:
@@ -97,8 +98,8 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         return merged, present
 
     def check(self, context, x, w, b, q, q_shape, k_shape, v_shape, probs, raw_scores, q_scaling,
-              k_scaling, s_scaling, merged, q_scale=None, k_scale=None, s_scale=None, past_k=None, past_v=None,
-              present=None, **_):
+              k_scaling, s_scaling, merged, keep_form, mask_form, q_scale=None, k_scale=None, s_scale=None,
+              past_k=None, past_v=None, present=None, keep=None, **_):
         result = pattern.MatchResult()
         weights, bias = const_array(w), const_array(b)
         if weights is None or weights.ndim != 2 or bias is None or bias.reshape(-1).shape != (weights.shape[1],):
@@ -130,30 +131,54 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                 if _unsqueeze_axes(node.producer()) != [0]:
                     return result.fail("the present is not the key and value stacked on a new first axis")
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
-        source, _fill, reason = self._masking(context.model, scores, masked, raw_scores, heads, head_size,
-                                              past_k is not None)
+        if self._table_mask(context.model, x, scores, masked, raw_scores, heads, head_size, keep, keep_form,
+                            mask_form):
+            source, reason = self._table(context.model, x, scores, masked, raw_scores, heads, head_size, keep)
+        else:
+            source, _fill, reason = self._masking(context.model, scores, masked, raw_scores, heads, head_size,
+                                                  past_k is not None)
         if reason:
             return result.fail(reason)
+        self._opset = context.model.opset_imports.get("", 18)
         return result
 
     def rewrite(self, op, x, w, b, q_shape, probs, raw_scores, q_scaling, k_scaling, s_scaling, q_scale=None,
-                k_scale=None, s_scale=None, past_k=None, **_):
+                k_scale=None, s_scale=None, past_k=None, keep=None, q=None, k=None, v=None, **_):
         hidden = const_array(w).shape[1] // 3
         heads, head_size = self._heads(self._facts(raw_scores.graph), q_shape, hidden)
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
-        source, fill, _ = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
         scale = self._scale(q_scaling, k_scaling, s_scaling, q_scale, k_scale, s_scale)
-        attrs = {"num_heads": heads, "unidirectional": 1, "mask_filter_value": float(fill)}
-        if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
-            attrs["scale"] = float(scale)
         bias = b if const_array(b).ndim == 1 else op.initializer(ir.tensor(const_array(b).reshape(-1),
                                                                            name=f"{b.name}_1d"))
+        attrs = {"num_heads": heads}
+        if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
+            attrs["scale"] = float(scale)
+        past = None if past_k is None else _past_source(past_k, 0, transposed=self._past == "kt")
+        if masked.name in self.__dict__.get("_table_memo", {}):
+            return self._table_rewrite(op, q, k, v, keep, past, attrs)
+        source, fill, _ = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
+        attrs.update(unidirectional=1, mask_filter_value=float(fill))
         mask = None if source is None else op.Cast(source, to=ir.DataType.INT32)
-        if past_k is None:
+        if past is None:
             return op.Attention(x, w, bias, mask, _domain=MS_DOMAIN, **attrs)
-        past = _past_source(past_k, 0, transposed=self._past == "kt")
         out, present = op.Attention(x, w, bias, mask, past, _domain=MS_DOMAIN, _outputs=2, **attrs)
         return out, present
+
+    def _table_rewrite(self, op, q, k, v, keep, past, attrs):
+        """MultiHeadAttention with the table's own 0/1 slice as an additive bias (0 where kept, the lowest float
+        where blocked): ONNX Runtime's Attention takes no bias together with a past."""
+        lowest = op.Constant(value_float=float(np.finfo(np.float32).min))
+        bias = op.Mul(op.Sub(op.Constant(value_float=1.0), keep), lowest)
+        if past is None:
+            return op.MultiHeadAttention(q, k, v, None, None, bias, _domain=MS_DOMAIN, **attrs)
+        halves = [op.Gather(past, op.Constant(value_int=i), axis=0) for i in (0, 1)]
+        out, present_k, present_v = op.MultiHeadAttention(q, k, v, None, None, bias, *halves, _domain=MS_DOMAIN,
+                                                          _outputs=3, **attrs)
+        if self._opset >= 13:
+            stacked = [op.Unsqueeze(t, op.Constant(value_ints=[0])) for t in (present_k, present_v)]
+        else:
+            stacked = [op.Unsqueeze(t, axes=[0]) for t in (present_k, present_v)]
+        return out, op.Concat(*stacked, axis=0)
 
     # --- facts the check and the rewrite share ------------------------------------------------------
 
@@ -186,6 +211,38 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                 return None
             scale = scale / factor if how == "div" else scale * factor
         return scale
+
+    def _table_mask(self, model, x, scores, masked, raw_scores, heads, head_size, keep, keep_form,
+                    mask_form) -> bool:
+        """The masking multiplies the scores by a slice of a [B, 1, M, M] table input (Megatron)?"""
+        if keep is None or keep_form == "where" or mask_form != "keep":
+            return False
+        cuts = self._cuts(scores, raw_scores, heads, head_size, past=False)
+        values = tuple(cuts) + (x,)
+        sources = [v for v in ancestry(model.graph, keep, values).data_inputs if all(v is not c for c in values)]
+        return len(sources) == 1 and sources[0].shape is not None and len(sources[0].shape) == 4
+
+    def _table(self, model, x, scores, masked, raw_scores, heads, head_size, keep):
+        memo = self.__dict__.setdefault("_table_memo", {})
+        if masked.name not in memo:
+            cuts = self._cuts(scores, raw_scores, heads, head_size, past=False)
+            cuts[x] = f"BSH:{heads * head_size}"
+            memo[masked.name] = table_masking(model, scores, masked, keep, cuts, self._ctx.sequence_lengths)
+        source, reason = memo[masked.name]
+        if reason:
+            del memo[masked.name]   # the rewrite reads the memo for the table form only
+        return source, reason
+
+    def _cuts(self, scores, raw_scores, heads, head_size, past: bool) -> dict:
+        q_h, k_t = raw_scores.producer().inputs[0], raw_scores.producer().inputs[1]
+        cuts = {scores: f"BNST:{heads}:{head_size}", q_h: "BNSd", k_t: "BNdT"}
+        for value, layout in ((q_h, "BNSd"), (k_t, "BNdT")):   # also before their scaling
+            node = value.producer()
+            if node is not None and node.op_type in ("Div", "Mul"):
+                cuts[node.inputs[0]] = layout
+        if raw_scores is not scores:
+            cuts[raw_scores] = f"BNST:{heads}:{head_size}"
+        return cuts
 
     def _masking(self, model, scores, masked, raw_scores, heads, head_size, with_past):
         """(mask input or None, fill, reason): memoised per masking output (the probe runs once per block).
