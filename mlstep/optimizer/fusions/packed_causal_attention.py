@@ -21,6 +21,21 @@ runs it on random scores at short and long lengths, with and without past and pa
 be exactly "keep the score where key j <= past + i and mask[b, j] == 1, a large negative value elsewhere".
 A sliding window, a shifted diagonal or a mask read from anything but one 2-D input is refused with the
 probe's reason.
+
+Megatron (PyTorch 1.9, opset 12) reads its mask from a float table input ``[B, 1, M, M]`` that the user fills
+(causal 0/1 rows times the keys' padding) and the graph slices to ``[.., past:past+S, :past+S]``, masking as
+``scores * keep - 10000 * (1 - keep)``. ONNX Runtime's Attention takes no 4-D mask on CPU and no bias with a
+past, so that form becomes
+
+    ==> MultiHeadAttention(q, k, v, attention_bias=(1 - keep) * lowest, past[0], past[1], num_heads=N)
+        present = Concat(Unsqueeze(present_key), Unsqueeze(present_value)); rows whose keep is all 0 -> mean(V')
+
+with ``keep`` the graph's own slice of the table. ``probe.table_masking`` feeds 0/1 causal + padding tables
+(past 0 and > 0, left and right padding) and random scores, and requires the step to be "keep the score or
+block it" after Softmax; a table read through anything else, a fill that does not vanish after Softmax, or a
+keep that is not 0/1 is refused. A query that keeps no key (left padding) averages every value in the export;
+the fused op does so in float32 (``s + lowest == lowest``) but not in float16 (-65504 does not absorb the
+score), so those rows are written out with a Where.
 """
 from __future__ import annotations
 
@@ -155,7 +170,11 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
             attrs["scale"] = float(scale)
         past = None if past_k is None else _past_source(past_k, 0, transposed=self._past == "kt")
         if masked.name in self.__dict__.get("_table_memo", {}):
-            return self._table_rewrite(op, q, k, v, keep, past, attrs)
+            result = self._table_rewrite(op, q, k, v, keep, past, attrs)
+            first = result[0] if isinstance(result, tuple) else result
+            if x.shape is not None:   # [B, S, hidden] like the block's input, whatever the mask's dims
+                first.shape = ir.Shape(x.shape)
+            return result
         source, fill, _ = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
         attrs.update(unidirectional=1, mask_filter_value=float(fill))
         mask = None if source is None else op.Cast(source, to=ir.DataType.INT32)
@@ -170,15 +189,32 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         lowest = op.Constant(value_float=float(np.finfo(np.float32).min))
         bias = op.Mul(op.Sub(op.Constant(value_float=1.0), keep), lowest)
         if past is None:
-            return op.MultiHeadAttention(q, k, v, None, None, bias, _domain=MS_DOMAIN, **attrs)
+            out = op.MultiHeadAttention(q, k, v, None, None, bias, _domain=MS_DOMAIN, **attrs)
+            return self._blind_rows(op, out, keep, self._reduce(op, "ReduceMean", v, 1))
         halves = [op.Gather(past, op.Constant(value_int=i), axis=0) for i in (0, 1)]
         out, present_k, present_v = op.MultiHeadAttention(q, k, v, None, None, bias, *halves, _domain=MS_DOMAIN,
                                                           _outputs=3, **attrs)
+        stacked = [self._axes(op, "Unsqueeze", t, 0) for t in (present_k, present_v)]
+        mean = op.Transpose(self._reduce(op, "ReduceMean", present_v, 2), perm=[0, 2, 1, 3])
+        mean = op.Reshape(mean, op.Constant(value_ints=[0, 1, -1]))
+        return self._blind_rows(op, out, keep, mean), op.Concat(*stacked, axis=0)
+
+    def _blind_rows(self, op, out, keep, mean):
+        """A query whose table row keeps no key gets the export's uniform average of every key's value (the
+        mean of V, [B, 1, hidden]). In float32 the lowest-float bias already gives it; in float16 the bias is
+        -65504, which no longer absorbs the score (measured: ONNX Runtime 1.32 CPU), so it is written out."""
+        seen = self._axes(op, "Squeeze", self._reduce(op, "ReduceMax", keep, -1), 1)     # [B, S, 1]
+        return op.Where(op.Greater(seen, op.Constant(value_float=0.0)), out, mean)
+
+    def _reduce(self, op, name, value, axis):
+        if self._opset >= 18:
+            return getattr(op, name)(value, op.Constant(value_ints=[axis]), keepdims=1)
+        return getattr(op, name)(value, axes=[axis], keepdims=1)
+
+    def _axes(self, op, name, value, axis):
         if self._opset >= 13:
-            stacked = [op.Unsqueeze(t, op.Constant(value_ints=[0])) for t in (present_k, present_v)]
-        else:
-            stacked = [op.Unsqueeze(t, axes=[0]) for t in (present_k, present_v)]
-        return out, op.Concat(*stacked, axis=0)
+            return getattr(op, name)(value, op.Constant(value_ints=[axis]))
+        return getattr(op, name)(value, axes=[axis])
 
     # --- facts the check and the rewrite share ------------------------------------------------------
 
