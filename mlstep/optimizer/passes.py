@@ -78,9 +78,8 @@ def _eliminate_noop_casts(model: ir.Model) -> None:
                 elif node.op_type == "Gather":
                     found = dtype(node.inputs[0], depth + 1)
                 elif node.op_type in _SAME_TYPE_AS_INPUTS:
-                    types = {dtype(v, depth + 1) for v in node.inputs[:2 if node.op_type != "Concat" else None]
-                             if v is not None and node.op_type not in _SHAPE_SECOND or v is node.inputs[0]}
-                    types.discard(None)
+                    data = node.inputs[:1] if node.op_type in _FIRST_IS_DATA else node.inputs
+                    types = {dtype(v, depth + 1) for v in data if v is not None} - {None}
                     found = types.pop() if len(types) == 1 else None
             memo[id(value)] = found
         return memo[id(value)]
@@ -93,7 +92,8 @@ def _eliminate_noop_casts(model: ir.Model) -> None:
             model.graph.remove(node, safe=True)
 
 
-_SHAPE_SECOND = {"Reshape", "Squeeze", "Unsqueeze", "Split", "Slice", "Expand", "Pow", "ReduceMean"}   # 2nd input: not data
+# ops whose output type is their first input's (the others are shapes, axes or an exponent)
+_FIRST_IS_DATA = {"Reshape", "Squeeze", "Unsqueeze", "Split", "Slice", "Expand", "Pow", "ReduceMean"}
 
 
 PREPASS_DISABLED = ["MatMulScaleFusion"]

@@ -473,7 +473,8 @@ def table_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, keep: ir.
     for s, out, kept in zip(cases, outs, keeps):
         if out.shape != s.shape:
             return None, f"the attention masking gives shape {out.shape}, not the scores' {s.shape}"
-        if kept.ndim != 4 or kept.shape[1] != 1 or kept.shape[2:] != s.shape[2:] or kept.shape[0] not in (1, s.shape[0]):
+        if kept.ndim != 4 or kept.shape[1] != 1 or kept.shape[2:] != s.shape[2:] \
+                or kept.shape[0] not in (1, s.shape[0]):
             return None, f"the mask the scores are multiplied by has shape {kept.shape}, not [B, 1, S, T]"
         if not np.isin(kept, (0.0, 1.0)).all():
             return None, "the mask the scores are multiplied by is not 0/1 on 0/1 tables"

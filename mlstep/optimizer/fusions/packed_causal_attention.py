@@ -113,8 +113,8 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         return merged, present
 
     def check(self, context, x, w, b, q, q_shape, k_shape, v_shape, probs, raw_scores, q_scaling,
-              k_scaling, s_scaling, merged, keep_form, mask_form, q_scale=None, k_scale=None, s_scale=None,
-              past_k=None, past_v=None, present=None, keep=None, **_):
+              k_scaling, s_scaling, merged, keep_form=None, mask_form=None, q_scale=None, k_scale=None,
+              s_scale=None, past_k=None, past_v=None, present=None, keep=None, **_):
         result = pattern.MatchResult()
         weights, bias = const_array(w), const_array(b)
         if weights is None or weights.ndim != 2 or bias is None or bias.reshape(-1).shape != (weights.shape[1],):
