@@ -30,7 +30,7 @@ PASSING = {
     "embed_layer_norm_format3_no_cast_opset13", "bert_attention", "bert_pruned_attention",
     "bert_attention_reverse_add_order", "keras_bert_squad",
     "bert_attention_varied_qkv", "bert_attention_varied_qkv_wrong_args", "bert_3d_attention_tf2onnx",
-    "keras_bert_mrpc_opset10", "gpt2_no_past", "gpt2_past",
+    "keras_bert_mrpc_opset10", "gpt2_no_past", "gpt2_past", "gpt2_megatron",
 }
 # One entry per layout class, run always: ReduceSum mask index + Range positions behind -1 dims and unsorted nodes,
 # a mask built from the ids' shape, several embeddings, ai.onnx default domain, GPT-2 with past (Reshape(-1, S) ids,

@@ -67,9 +67,8 @@ def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: 
                 past_sequence = max(0, v.shape[-1] - sequence)
             elif isinstance(v.shape[-1], int):
                 sequence = v.shape[-1]
-    rows = min([_position_rows(model) or 1 << 62] + [_table_size(v) or 1 << 62 for v in inputs
-                                                     if roles[v.name] == "mask"])
-    rows = None if rows == 1 << 62 else rows
+    tables = [_table_size(v) for v in inputs if roles[v.name] == "mask"]
+    rows = min([r for r in [_position_rows(model), *tables] if r], default=None)   # they bound past + new tokens
     if rows is not None and past_sequence + sequence > rows:   # a position table bounds the whole sequence
         past_sequence = min(past_sequence, rows // 2)
         sequence = rows - past_sequence

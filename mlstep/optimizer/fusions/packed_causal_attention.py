@@ -169,7 +169,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
             attrs["scale"] = float(scale)
         past = None if past_k is None else _past_source(past_k, 0, transposed=self._past == "kt")
-        if masked.name in self.__dict__.get("_table_memo", {}):
+        if self.__dict__.get("_table_memo", {}).get(masked.name, (None, "not probed"))[1] == "":
             result = self._table_rewrite(op, q, k, v, keep, past, attrs)
             first = result[0] if isinstance(result, tuple) else result
             if x.shape is not None:   # [B, S, hidden] like the block's input, whatever the mask's dims
@@ -253,7 +253,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         """The masking multiplies the scores by a slice of a [B, 1, M, M] table input (Megatron)?"""
         if keep is None or keep_form == "where" or mask_form != "keep":
             return False
-        cuts = self._cuts(scores, raw_scores, heads, head_size, past=False)
+        cuts = self._cuts(scores, raw_scores, heads, head_size)
         values = tuple(cuts) + (x,)
         sources = [v for v in ancestry(model.graph, keep, values).data_inputs if all(v is not c for c in values)]
         return len(sources) == 1 and sources[0].shape is not None and len(sources[0].shape) == 4
@@ -261,23 +261,20 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
     def _table(self, model, x, scores, masked, raw_scores, heads, head_size, keep):
         memo = self.__dict__.setdefault("_table_memo", {})
         if masked.name not in memo:
-            cuts = self._cuts(scores, raw_scores, heads, head_size, past=False)
+            cuts = self._cuts(scores, raw_scores, heads, head_size)
             cuts[x] = f"BSH:{heads * head_size}"
             memo[masked.name] = table_masking(model, scores, masked, keep, cuts, self._ctx.sequence_lengths)
-        source, reason = memo[masked.name]
-        if reason:
-            del memo[masked.name]   # the rewrite reads the memo for the table form only
-        return source, reason
+        return memo[masked.name]
 
-    def _cuts(self, scores, raw_scores, heads, head_size, past: bool) -> dict:
+    @staticmethod
+    def _cuts(scores, raw_scores, heads, head_size) -> dict:
+        """The block's values a masking probe feeds (the scores, Q, K^T) with their layouts."""
         q_h, k_t = raw_scores.producer().inputs[0], raw_scores.producer().inputs[1]
         cuts = {scores: f"BNST:{heads}:{head_size}", q_h: "BNSd", k_t: "BNdT"}
         for value, layout in ((q_h, "BNSd"), (k_t, "BNdT")):   # also before their scaling
             node = value.producer()
             if node is not None and node.op_type in ("Div", "Mul"):
                 cuts[node.inputs[0]] = layout
-        if raw_scores is not scores:
-            cuts[raw_scores] = f"BNST:{heads}:{head_size}"
         return cuts
 
     def _masking(self, model, scores, masked, raw_scores, heads, head_size, with_past):
@@ -286,12 +283,8 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         memo = self.__dict__.setdefault("_masking_memo", {})
         key = masked.name
         if key not in memo:
-            q_h, k_t = raw_scores.producer().inputs[0], raw_scores.producer().inputs[1]
-            cuts = {scores: f"BNST:{heads}:{head_size}", q_h: "BNSd", k_t: "BNdT"}
-            for value, layout in ((q_h, "BNSd"), (k_t, "BNdT")):   # also before their scaling
-                node = value.producer()
-                if node is not None and node.op_type in ("Div", "Mul"):
-                    cuts[node.inputs[0]] = layout
+            cuts = self._cuts(scores, raw_scores, heads, head_size)
+            k_t = raw_scores.producer().inputs[1]
             if with_past:
                 concat = k_t.producer()
                 concat = concat.inputs[0].producer() if concat.op_type in ("Div", "Mul") else concat
