@@ -217,8 +217,6 @@ def _infer(node: ir.Node, dims: dict, vals: dict, eq=None) -> None:  # noqa: C90
     attr = node.attributes
     if node.domain not in ("", "ai.onnx"):
         out = d[0] if op in _SAME_SHAPE and d else None
-        if op == "MultiHeadAttention" and len(d) > 2 and d[0] and d[2] and len(d[0]) == len(d[2]) == 3:
-            out = d[0][:2] + d[2][2:]   # [B, S, v_hidden] (3-D query and value)
     elif op in _SAME_SHAPE:
         out = d[0]
         if op == "Cast" and _content(ins[0], vals) is not None:
