@@ -30,7 +30,7 @@ PASSING = {
     "embed_layer_norm_format3_no_cast_opset13", "bert_attention", "bert_pruned_attention",
     "bert_attention_reverse_add_order", "keras_bert_squad",
     "bert_attention_varied_qkv", "bert_attention_varied_qkv_wrong_args", "bert_3d_attention_tf2onnx",
-    "keras_bert_mrpc_opset10", "gpt2_no_past", "gpt2_past", "gpt2_past_mask_one_layer",
+    "keras_bert_mrpc_opset10", "gpt2_no_past", "gpt2_past", "gpt2_past_mask_one_layer", "gpt2_megatron",
     "gpt2_embedlayer", "gpt2_embedlayer_one_attn", "gpt2_embedlayer_one_attn_output_sum",
     "gpt2_embedlayer_one_attn_output_sum_no_sln",
 }

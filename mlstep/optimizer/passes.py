@@ -17,7 +17,8 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "Skip
 def prepare(model: ir.Model) -> ir.Model:
     """Normalise exporter noise so that patterns see one form.
 
-    Handles: Identity chains (TorchScript re-exports shared weights through Identity), Constant nodes
+    Handles: Identity chains (TorchScript re-exports shared weights through Identity), Casts to the type their
+    input already has (Megatron's ``.float()`` on float activations: no-ops that hide residual sums), Constant nodes
     (lifted into initializers so that checks read them uniformly), shape arithmetic that folds to a
     constant, dead nodes. If/Loop/Scan bodies are left as they are (only main-graph Identities go).
     """
@@ -26,6 +27,7 @@ def prepare(model: ir.Model) -> ir.Model:
     from mlstep.optimizer.shapes import rebase_shapes
 
     _eliminate_identities(model)
+    _eliminate_noop_casts(model)
     for _ in range(4):
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         fold_constants_ir(model, onnx_shape_inference=False, input_size_limit=1024, output_size_limit=1024)
@@ -49,6 +51,49 @@ def _eliminate_identities(model: ir.Model) -> None:
             continue
         ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
         model.graph.remove(node, safe=True)
+
+
+_SAME_TYPE_AS_INPUTS = {"Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Tanh", "Erf", "Relu", "MatMul", "Softmax",
+                        "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice",
+                        "Expand", "Flatten", "ReduceMean", "Pow"}
+
+
+def _eliminate_noop_casts(model: ir.Model) -> None:
+    """A main-graph Cast to the element type its input already has is an Identity: its users read the input.
+    The input's type is its declared one or, when the export left it untyped, the one ONNX's typing rules give
+    its producer (an Add's, a MatMul's, a Reshape's output has its inputs' type, a Gather's its table's)."""
+    memo: dict[int, ir.DataType | None] = {}
+
+    def dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
+        if value is None or depth > 64:
+            return None
+        if value.dtype is not None:
+            return value.dtype
+        if id(value) not in memo:
+            node = value.producer()
+            found = None
+            if node is not None and node.domain == "":
+                if node.op_type == "Cast":
+                    found = ir.DataType(node.attributes.get_int("to"))
+                elif node.op_type == "Gather":
+                    found = dtype(node.inputs[0], depth + 1)
+                elif node.op_type in _SAME_TYPE_AS_INPUTS:
+                    data = node.inputs[:1] if node.op_type in _FIRST_IS_DATA else node.inputs
+                    types = {dtype(v, depth + 1) for v in data if v is not None} - {None}
+                    found = types.pop() if len(types) == 1 else None
+            memo[id(value)] = found
+        return memo[id(value)]
+
+    for node in list(model.graph):
+        if node.op_type != "Cast" or node.domain != "" or node.inputs[0] is None or node.outputs[0].is_graph_output():
+            continue
+        if dtype(node.inputs[0]) == ir.DataType(node.attributes.get_int("to")):
+            ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+            model.graph.remove(node, safe=True)
+
+
+# ops whose output type is their first input's (the others are shapes, axes or an exponent)
+_FIRST_IS_DATA = {"Reshape", "Squeeze", "Unsqueeze", "Split", "Slice", "Expand", "Pow", "ReduceMean"}
 
 
 PREPASS_DISABLED = ["MatMulScaleFusion"]

@@ -419,3 +419,87 @@ def _blind_rows_agree(mask: np.ndarray, seq: int, past: int, s: np.ndarray, out:
         return ("the attention masking's fill is not additive: queries that see nothing (left padding) would "
                 "get other outputs from the fused op")
     return ""
+
+
+# (batch, new tokens, past tokens) for a mask input that is a [B, 1, M, M] table: totals up to M (the table's
+# size bounds every length the model can run at), past 0 and > 0, left-padded rows that see nothing
+TABLE_PROBES = ((4, 5, 0), (4, 9, 3), (2, 1, 6), (4, 4, 2))
+
+
+def table_masks(batch: int, size: int, total: int) -> np.ndarray:
+    """[batch, 1, size, size] float 0/1 masks as a user builds Megatron's: the lower triangle (query i sees keys
+    j <= i) times the keys' padding over ``total`` tokens (right-padded, left-padded, full, holed rows)."""
+    keys = np.zeros((batch, size), dtype=np.float32)
+    keys[:, :total] = _masks(batch, total) if total > 1 else 1
+    return (np.tril(np.ones((size, size), np.float32))[None] * keys[:, None, :])[:, None]
+
+
+def table_masking(model: ir.Model, scores: ir.Value, masked: ir.Value, keep: ir.Value,
+                  cuts: dict[ir.Value, str], lengths: Sequence[int] = ()) -> tuple[ir.Value | None, str]:
+    """Is the masking step ``scores -> masked`` that of a 4-D float mask input [B, 1, M, M] (Megatron: the table
+    sliced to the current queries and all keys, ``masked = scores * keep - penalty``) exactly ``scores + bias``
+    after Softmax, with ``bias`` = 0 where ``keep`` is 1 and the lowest float where it is 0? In float32 the
+    score is absorbed by that bias (``s + lowest == lowest``), so a query that sees no key is uniform over every
+    key, as the export's ``-penalty`` row is. Probed with the 0/1 causal + padding tables a user gives (past 0
+    and > 0, left and right padding, the user's lengths) and random scores. (mask input, "") or (None, reason).
+    ``cuts``: as for ``causal_masking``, with an extra ``BSH:<hidden>`` layout for the block's input."""
+    values = tuple(cuts)
+    anc = ancestry(model.graph, masked, values)
+    sources = [v for v in ancestry(model.graph, keep, values).data_inputs + anc.data_inputs
+               if all(v is not c for c in values)]
+    if len({id(v) for v in sources}) != 1:
+        return None, f"the attention masking reads {sorted({v.name for v in sources})}, not one mask input"
+    source = sources[0]
+    shape = source.shape
+    if shape is None or len(shape) != 4 or shape[1] != 1 or not isinstance(shape[2], int) \
+            or shape[2] != shape[3] or source.dtype != ir.DataType.FLOAT:
+        return None, f"the attention masking reads {source.name!r}, which is neither a 2-D mask nor a [B, 1, M, M] " \
+                     f"float table"
+    size = shape[2]
+    rng = np.random.default_rng(0)
+    probes = TABLE_PROBES + tuple((2, n, 0) for n in lengths if 1 < n <= size) + ((2, size, 0),)
+    feeds_list, cases = [], []
+    for batch, seq, past in probes:
+        total = past + seq
+        if total > size:
+            continue
+        sizes = {"B": batch, "S": seq, "T": total}
+        feeds = {v.name: _shape_feed(v, batch, seq, past, total) for v in anc.shape_inputs
+                 if all(v is not c for c in values)}
+        for value, layout in cuts.items():
+            letters, *dims = layout.split(":")
+            if letters == "BSH":
+                sizes["H"] = int(dims[0])
+            elif dims:
+                sizes.update({"N": int(dims[0]), "d": int(dims[1])})
+            feeds[value.name] = (rng.standard_normal(tuple(sizes[c] for c in letters)) * 4).astype(np.float32) \
+                if value is scores else np.zeros(tuple(sizes[c] for c in letters), dtype=np.float32)
+        feeds[source.name] = table_masks(batch, size, total)
+        feeds_list.append(feeds)
+        cases.append(feeds[scores.name])
+    try:
+        outs = evaluate(model, masked, feeds_list, values)
+        keeps = evaluate(model, keep, feeds_list, values)
+    except Exception as err:  # noqa: BLE001 - a probe that cannot run is a refusal, not a crash
+        return None, f"the attention masking could not be probed ({type(err).__name__})"
+    lowest = np.finfo(np.float32).min
+    for s, out, kept in zip(cases, outs, keeps):
+        if out.shape != s.shape:
+            return None, f"the attention masking gives shape {out.shape}, not the scores' {s.shape}"
+        if kept.ndim != 4 or kept.shape[1] != 1 or kept.shape[2:] != s.shape[2:] \
+                or kept.shape[0] not in (1, s.shape[0]):
+            return None, f"the mask the scores are multiplied by has shape {kept.shape}, not [B, 1, S, T]"
+        if not np.isin(kept, (0.0, 1.0)).all():
+            return None, "the mask the scores are multiplied by is not 0/1 on 0/1 tables"
+        fused = np.where(np.broadcast_to(kept, s.shape) > 0, s, lowest).astype(np.float32)
+        if not np.array_equal(out[fused > lowest], s[fused > lowest]):
+            return None, "the attention masking changes the scores it keeps"
+        if not np.allclose(_softmax(out), _softmax(fused), rtol=1e-6, atol=1e-7):
+            return None, "the attention masking is not 'keep or block' (a blocked score still counts after Softmax)"
+    return source, ""
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)

@@ -3,7 +3,9 @@
 Inputs are recognised by name and dtype:
 - past tensors: the name starts with ``past`` -> random normal in the input's dtype;
 - attention mask: the name contains ``mask`` -> 1 for attended tokens, 0 for padding, in the input's dtype
-  (int64, int32, float, bool); with past inputs it spans ``past_sequence + sequence``;
+  (int64, int32, float, bool); with past inputs it spans ``past_sequence + sequence``; a 4-D mask
+  ``[B, 1, M, M]`` with a static M is a table the model slices (Megatron): the lower triangle (query i sees
+  keys j <= i) times the padding of the keys, as its users build it; M bounds past + new tokens;
 - token types: ``token_type_ids`` / ``segment_ids`` (or names containing them) -> 0/1 within their table;
 - positions: the name contains ``position`` -> arange, counted from the first real token under left padding;
 - ids: ``input_ids`` or any other integer input -> uniform in ``[0, vocab)`` where vocab is the number of rows
@@ -59,6 +61,8 @@ def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: 
             if isinstance(v.shape[1], int):
                 sequence = v.shape[1]
     for v in inputs:
+        if roles[v.name] == "mask" and _table_size(v):
+            continue
         if roles[v.name] == "mask" and v.shape is not None and len(v.shape) >= 2:
             if isinstance(v.shape[0], int):
                 batch = v.shape[0]
@@ -66,7 +70,8 @@ def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: 
                 past_sequence = max(0, v.shape[-1] - sequence)
             elif isinstance(v.shape[-1], int):
                 sequence = v.shape[-1]
-    rows = _position_rows(model)
+    tables = [_table_size(v) for v in inputs if roles[v.name] == "mask"]
+    rows = min([r for r in [_position_rows(model), *tables] if r], default=None)   # they bound past + new tokens
     if rows is not None and past_sequence + sequence > rows:   # a position table bounds the whole sequence
         past_sequence = min(past_sequence, rows // 2)
         sequence = rows - past_sequence
@@ -119,7 +124,12 @@ def synthesize_inputs(model: ir.Model, batch: int = 2, sequence: int = 8, seed: 
         for v in inputs:
             role, shape = roles[v.name], shapes[v.name]
             dtype = _np_dtype(v)
-            if role == "mask":
+            if role == "mask" and _table_size(v):
+                keys = np.zeros((batch, shape[-1]), dtype=bool)
+                keys[:, :total] = attended
+                causal = np.tril(np.ones(shape[-2:], dtype=bool))
+                feeds[v.name] = np.broadcast_to((causal[None] & keys[:, None, :])[:, None], shape).astype(dtype)
+            elif role == "mask":
                 feeds[v.name] = _fit(attended, shape).astype(dtype)
             elif role == "ids":
                 feeds[v.name] = rng.integers(0, _table_rows(v, DEFAULT_VOCAB), size=shape).astype(dtype)
@@ -153,6 +163,14 @@ def _role(value: ir.Value) -> str:
     if name == "input_ids" or (dtype is not None and dtype.is_integer()):
         return "ids"
     return "float"
+
+
+def _table_size(value: ir.Value) -> int:
+    """M for a 4-D mask ``[B, 1, M, M]`` with a static M (a causal table the model slices), else 0."""
+    shape = value.shape
+    if shape is None or len(shape) != 4 or not isinstance(shape[2], int) or shape[2] != shape[3] or shape[1] != 1:
+        return 0
+    return shape[2]
 
 
 def _np_dtype(value: ir.Value) -> np.dtype:

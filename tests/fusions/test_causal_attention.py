@@ -229,7 +229,9 @@ def test_runtime_scale_gpt2_fully_fused_with_generation_parity(export_dir, tmp_p
     counts = ops(result.model)
     assert len(nodes(result.model, "MultiHeadAttention")) == 2, result.summary_lines()
     assert counts[("", "Softmax")] == 0 and counts[("", "Sqrt")] == 0     # the scale chains are gone too
-    assert len(nodes(result.model, "SkipLayerNormalization")) == 5
+    # the embedding (a no-op float Cast after its position Gather) is EmbedLayerNormalization, the rest SkipLN
+    assert len(nodes(result.model, "SkipLayerNormalization")) == 4
+    assert len(nodes(result.model, "EmbedLayerNormalization")) == 1
     assert_generation_parity(path, result.model, tmp_path, with_past)
 
 

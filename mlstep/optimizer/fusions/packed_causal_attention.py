@@ -24,6 +24,21 @@ probe's reason. Where the export replaces future scores and adds the padding bia
 plus ``(1 - mask) * -1e4``), queries that see no key (left-padded positions) get another row from the fused
 op: the fusion is taken (unless ``exact_padding``) and its node names the mask input whose zero positions are
 unspecified (``UNSPECIFIED_PADDING``); every other row is exact.
+
+Megatron (PyTorch 1.9, opset 12) reads its mask from a float table input ``[B, 1, M, M]`` that the user fills
+(causal 0/1 rows times the keys' padding) and the graph slices to ``[.., past:past+S, :past+S]``, masking as
+``scores * keep - 10000 * (1 - keep)``. ONNX Runtime's Attention takes no 4-D mask on CPU and no bias with a
+past, so that form becomes
+
+    ==> MultiHeadAttention(q, k, v, attention_bias=(1 - keep) * lowest, past[0], past[1], num_heads=N)
+        present = Concat(Unsqueeze(present_key), Unsqueeze(present_value)); rows whose keep is all 0 -> mean(V')
+
+with ``keep`` the graph's own slice of the table. ``probe.table_masking`` feeds 0/1 causal + padding tables
+(past 0 and > 0, left and right padding) and random scores, and requires the step to be "keep the score or
+block it" after Softmax; a table read through anything else, a fill that does not vanish after Softmax, or a
+keep that is not 0/1 is refused. A query that keeps no key (left padding) averages every value in the export;
+the fused op does so in float32 (``s + lowest == lowest``) but not in float16 (-65504 does not absorb the
+score), so those rows are written out with a Where.
 """
 from __future__ import annotations
 
@@ -35,7 +50,7 @@ from onnxscript.rewriter import pattern
 
 from mlstep.optimizer.fusions._base import (MS_DOMAIN, UNSPECIFIED_PADDING, Fusion, FusionContext, const_array,
                                              const_scalar, last_axis)
-from mlstep.optimizer.probe import causal_masking, evaluate
+from mlstep.optimizer.probe import ancestry, causal_masking, evaluate, table_masking
 from mlstep.optimizer.values import facts
 
 
@@ -93,6 +108,7 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                                   op.Add(bias, scores)], tag_var="mask_form",
                                  tag_values=["keep", "keep+bias", "bias+keep", "bias", "bias'"])
         probs = op.Softmax(masked, _outputs=["probs"])
+        probs = pattern.OrValue([op.Cast(probs, to=ir.DataType.FLOAT), probs])   # Megatron: a no-op .float()
         ctx = op.MatMul(probs, v_all)
         merged = op.Reshape(op.Transpose(ctx, perm=[0, 2, 1, 3]), pattern.ANY_VALUE, _outputs=["merged"])
         if self._past is None:
@@ -101,8 +117,8 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
         return merged, present
 
     def check(self, context, x, w, b, q, q_shape, k_shape, v_shape, probs, raw_scores, q_scaling,
-              k_scaling, s_scaling, merged, q_scale=None, k_scale=None, s_scale=None, past_k=None, past_v=None,
-              present=None, **_):
+              k_scaling, s_scaling, merged, keep_form=None, mask_form=None, q_scale=None, k_scale=None,
+              s_scale=None, past_k=None, past_v=None, present=None, keep=None, **_):
         result = pattern.MatchResult()
         weights, bias = const_array(w), const_array(b)
         if weights is None or weights.ndim != 2 or bias is None or bias.reshape(-1).shape != (weights.shape[1],):
@@ -134,31 +150,76 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
                 if _unsqueeze_axes(node.producer()) != [0]:
                     return result.fail("the present is not the key and value stacked on a new first axis")
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
-        source, _fill, reason, _note = self._masking(context.model, scores, masked, raw_scores, heads, head_size,
-                                                     past_k is not None)
+        if self._table_mask(context.model, x, scores, masked, raw_scores, heads, head_size, keep, keep_form,
+                            mask_form):
+            source, reason = self._table(context.model, x, scores, masked, raw_scores, heads, head_size, keep)
+        else:
+            source, _fill, reason, _note = self._masking(context.model, scores, masked, raw_scores, heads, head_size,
+                                                  past_k is not None)
         if reason:
             return result.fail(reason)
+        self._opset = context.model.opset_imports.get("", 18)
         return result
 
     def rewrite(self, op, x, w, b, q_shape, probs, raw_scores, q_scaling, k_scaling, s_scaling, q_scale=None,
-                k_scale=None, s_scale=None, past_k=None, **_):
+                k_scale=None, s_scale=None, past_k=None, keep=None, q=None, k=None, v=None, **_):
         hidden = const_array(w).shape[1] // 3
         heads, head_size = self._heads(self._facts(raw_scores.graph), q_shape, hidden)
         scores, masked = masked_input(raw_scores, s_scaling), probs.producer().inputs[0]
-        source, fill, _, note = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
         scale = self._scale(q_scaling, k_scaling, s_scaling, q_scale, k_scale, s_scale)
-        attrs = {"num_heads": heads, "unidirectional": 1, "mask_filter_value": float(fill)}
-        if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
-            attrs["scale"] = float(scale)
         bias = b if const_array(b).ndim == 1 else op.initializer(ir.tensor(const_array(b).reshape(-1),
                                                                            name=f"{b.name}_1d"))
+        attrs = {"num_heads": heads}
+        if not math.isclose(scale, 1.0 / math.sqrt(head_size), rel_tol=1e-5):
+            attrs["scale"] = float(scale)
+        past = None if past_k is None else _past_source(past_k, 0, transposed=self._past == "kt")
+        if self.__dict__.get("_table_memo", {}).get(masked.name, (None, "not probed"))[1] == "":
+            result = self._table_rewrite(op, q, k, v, keep, past, attrs)
+            first = result[0] if isinstance(result, tuple) else result
+            if x.shape is not None:   # [B, S, hidden] like the block's input, whatever the mask's dims
+                first.shape = ir.Shape(x.shape)
+            return result
+        source, fill, _, note = self._masking(None, scores, masked, raw_scores, heads, head_size, past_k is not None)
+        attrs.update(unidirectional=1, mask_filter_value=float(fill))
         mask = None if source is None else op.Cast(source, to=ir.DataType.INT32)
-        if past_k is None:
+        if past is None:
             out = op.Attention(x, w, bias, mask, _domain=MS_DOMAIN, **attrs)
             return _mark_unspecified(out, source if note else None)
-        past = _past_source(past_k, 0, transposed=self._past == "kt")
         out, present = op.Attention(x, w, bias, mask, past, _domain=MS_DOMAIN, _outputs=2, **attrs)
         return _mark_unspecified(out, source if note else None), present
+
+    def _table_rewrite(self, op, q, k, v, keep, past, attrs):
+        """MultiHeadAttention with the table's own 0/1 slice as an additive bias (0 where kept, the lowest float
+        where blocked): ONNX Runtime's Attention takes no bias together with a past."""
+        lowest = op.Constant(value_float=float(np.finfo(np.float32).min))
+        bias = op.Mul(op.Sub(op.Constant(value_float=1.0), keep), lowest)
+        if past is None:
+            out = op.MultiHeadAttention(q, k, v, None, None, bias, _domain=MS_DOMAIN, **attrs)
+            return self._blind_rows(op, out, keep, self._reduce(op, "ReduceMean", v, 1))
+        halves = [op.Gather(past, op.Constant(value_int=i), axis=0) for i in (0, 1)]
+        out, present_k, present_v = op.MultiHeadAttention(q, k, v, None, None, bias, *halves, _domain=MS_DOMAIN,
+                                                          _outputs=3, **attrs)
+        stacked = [self._axes(op, "Unsqueeze", t, 0) for t in (present_k, present_v)]
+        mean = op.Transpose(self._reduce(op, "ReduceMean", present_v, 2), perm=[0, 2, 1, 3])
+        mean = op.Reshape(mean, op.Constant(value_ints=[0, 1, -1]))
+        return self._blind_rows(op, out, keep, mean), op.Concat(*stacked, axis=0)
+
+    def _blind_rows(self, op, out, keep, mean):
+        """A query whose table row keeps no key gets the export's uniform average of every key's value (the
+        mean of V, [B, 1, hidden]). In float32 the lowest-float bias already gives it; in float16 the bias is
+        -65504, which no longer absorbs the score (measured: ONNX Runtime 1.32 CPU), so it is written out."""
+        seen = self._axes(op, "Squeeze", self._reduce(op, "ReduceMax", keep, -1), 1)     # [B, S, 1]
+        return op.Where(op.Greater(seen, op.Constant(value_float=0.0)), out, mean)
+
+    def _reduce(self, op, name, value, axis):
+        if self._opset >= 18:
+            return getattr(op, name)(value, op.Constant(value_ints=[axis]), keepdims=1)
+        return getattr(op, name)(value, axes=[axis], keepdims=1)
+
+    def _axes(self, op, name, value, axis):
+        if self._opset >= 13:
+            return getattr(op, name)(value, op.Constant(value_ints=[axis]))
+        return getattr(op, name)(value, axes=[axis])
 
     # --- facts the check and the rewrite share ------------------------------------------------------
 
@@ -192,18 +253,43 @@ class PackedCausalAttention(pattern.RewriteRuleClassBase):
             scale = scale / factor if how == "div" else scale * factor
         return scale
 
+    def _table_mask(self, model, x, scores, masked, raw_scores, heads, head_size, keep, keep_form,
+                    mask_form) -> bool:
+        """The masking multiplies the scores by a slice of a [B, 1, M, M] table input (Megatron)?"""
+        if keep is None or keep_form == "where" or mask_form != "keep":
+            return False
+        cuts = self._cuts(scores, raw_scores, heads, head_size)
+        values = tuple(cuts) + (x,)
+        sources = [v for v in ancestry(model.graph, keep, values).data_inputs if all(v is not c for c in values)]
+        return len(sources) == 1 and sources[0].shape is not None and len(sources[0].shape) == 4
+
+    def _table(self, model, x, scores, masked, raw_scores, heads, head_size, keep):
+        memo = self.__dict__.setdefault("_table_memo", {})
+        if masked.name not in memo:
+            cuts = self._cuts(scores, raw_scores, heads, head_size)
+            cuts[x] = f"BSH:{heads * head_size}"
+            memo[masked.name] = table_masking(model, scores, masked, keep, cuts, self._ctx.sequence_lengths)
+        return memo[masked.name]
+
+    @staticmethod
+    def _cuts(scores, raw_scores, heads, head_size) -> dict:
+        """The block's values a masking probe feeds (the scores, Q, K^T) with their layouts."""
+        q_h, k_t = raw_scores.producer().inputs[0], raw_scores.producer().inputs[1]
+        cuts = {scores: f"BNST:{heads}:{head_size}", q_h: "BNSd", k_t: "BNdT"}
+        for value, layout in ((q_h, "BNSd"), (k_t, "BNdT")):   # also before their scaling
+            node = value.producer()
+            if node is not None and node.op_type in ("Div", "Mul"):
+                cuts[node.inputs[0]] = layout
+        return cuts
+
     def _masking(self, model, scores, masked, raw_scores, heads, head_size, with_past):
         """(mask input or None, fill, reason): memoised per masking output (the probe runs once per block).
         The probe feeds the step's scores and the values it may read shapes from: Q, K^T (and K' with past)."""
         memo = self.__dict__.setdefault("_masking_memo", {})
         key = masked.name
         if key not in memo:
-            q_h, k_t = raw_scores.producer().inputs[0], raw_scores.producer().inputs[1]
-            cuts = {scores: f"BNST:{heads}:{head_size}", q_h: "BNSd", k_t: "BNdT"}
-            for value, layout in ((q_h, "BNSd"), (k_t, "BNdT")):   # also before their scaling
-                node = value.producer()
-                if node is not None and node.op_type in ("Div", "Mul"):
-                    cuts[node.inputs[0]] = layout
+            cuts = self._cuts(scores, raw_scores, heads, head_size)
+            k_t = raw_scores.producer().inputs[1]
             if with_past:
                 concat = k_t.producer()
                 concat = concat.inputs[0].producer() if concat.op_type in ("Div", "Mul") else concat
