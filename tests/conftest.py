@@ -70,7 +70,7 @@ def running_mlflow_server(root: Path, port: int | None = None, kill_signal: int 
     proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600        # a hang guard: a server that exits is seen at once (poll)
         while True:
             try:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+# Hang guards, not speed limits: an example on a busy 2-core machine (other jobs beside the suite) takes several
+# times what it takes on an idle one.
+def run_example(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # no MLflow setting of an earlier in-process test (mlflow.set_registry_uri exports MLFLOW_REGISTRY_URI) leaks in
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "160"})
@@ -24,7 +26,7 @@ def run_example(name: str, *args: str, timeout: int = 180) -> subprocess.Complet
     return proc
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(1200)
 def test_bert_register_optimize_promote(tmp_path):
     proc = run_example("bert_register_optimize_promote.py", "--workdir", str(tmp_path), "--skip-benchmark")
     out = proc.stdout
@@ -35,7 +37,7 @@ def test_bert_register_optimize_promote(tmp_path):
     assert (tmp_path / "out" / "report.json").is_file()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(1200)
 def test_gpt2_past_benchmark():
     out = run_example("gpt2_past_benchmark.py", "--repeat", "5").stdout
     assert "past=4" in out and "past=16" in out
@@ -44,7 +46,7 @@ def test_gpt2_past_benchmark():
     assert "fp16" in out
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(1200)
 def test_minilm_fp16_embeddings():
     out = run_example("minilm_fp16_embeddings.py", "--skip-benchmark").stdout
     match = re.search(r"min cosine fp32 vs fp16: ([0-9.]+)", out)
@@ -53,5 +55,5 @@ def test_minilm_fp16_embeddings():
 
 
 def test_reproduce_seed_tables_help():
-    out = run_example("reproduce_seed_tables.py", "--help", timeout=60).stdout
+    out = run_example("reproduce_seed_tables.py", "--help", timeout=300).stdout
     assert "--quick" in out and "BertConfig()" in out

@@ -134,8 +134,23 @@ def run_step(source, out, **settings):
                     publish=step.PublishSettings(register=False))
 
 
-def test_step_writes_the_chosen_form_and_records_the_evidence(bert, tmp_path):
-    result = run_step(bert, tmp_path / "out")
+@pytest.fixture(scope="module")
+def measured_step(bert, mlflow_server, tmp_path_factory):
+    """One step with the forms measured, registered on the session server: (result, output folder). Its report
+    and its MLflow run are read by the two tests below (one measured step, not one each)."""
+    out = tmp_path_factory.mktemp("measured") / "out"
+    settings = step.StepSettings(precisions=("fp32",), warmup=1, repeat=6, remeasure=0, max_slowdown=10.0)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in list(__import__("os").environ) if k.startswith("MLFLOW_")]:
+            patch.delenv(key)
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        result = step.run(bert, out, OptimizeOptions(), settings,
+                          publish=step.PublishSettings(register_as="forms-evidence"))
+    return result, out
+
+
+def test_step_writes_the_chosen_form_and_records_the_evidence(measured_step):
+    result, out = measured_step
     record = result.report["forms"]
     assert record["measured"] and record["shapes"] == ["2x8"]
     chosen = next(c for c in record["candidates"] if c["chosen"])
@@ -144,10 +159,10 @@ def test_step_writes_the_chosen_form_and_records_the_evidence(bert, tmp_path):
                   key=lambda c: c["relative_to_fused"])
     assert math.isclose(chosen["relative_to_fused"], fastest["relative_to_fused"])
     assert result.report["variants"]["fp32"]["fusions"] == chosen["fusions"]      # the written variant is it
-    assert ms_ops(tmp_path / "out" / "fp32" / "model.onnx") == {
+    assert ms_ops(out / "fp32" / "model.onnx") == {
         op: n for op, n in chosen["fusions"].items() if op != "LayerNormalization"}
-    assert not (tmp_path / "out" / ".forms").exists()                              # candidates not left behind
-    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert not (out / ".forms").exists()                                           # candidates not left behind
+    markdown = (out / "report.md").read_text()
     assert "## Form" in markdown and "ORT_ENABLE_ALL" in markdown and f"**{record['chosen']}**" in markdown
     params, metrics = forms.mlflow_fields(record)
     assert params["forms.chosen"] == record["chosen"] and params["forms.session_level"] == "ORT_ENABLE_ALL"
@@ -185,15 +200,10 @@ def test_gpt2_with_past_forms(exported_gpt2, tmp_path):
     assert set(sel.timings[sel.chosen]) == {"2xpast8"}
 
 
-def test_choice_reaches_the_mlflow_run(bert, mlflow_server, tmp_path, monkeypatch):
+def test_choice_reaches_the_mlflow_run(measured_step, mlflow_server):
     from mlflow import MlflowClient
 
-    for key in [k for k in list(__import__("os").environ) if k.startswith("MLFLOW_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    settings = step.StepSettings(precisions=("fp32",), warmup=1, repeat=6, remeasure=0, max_slowdown=10.0)
-    result = step.run(bert, tmp_path / "out", OptimizeOptions(), settings,
-                      publish=step.PublishSettings(register_as="forms-evidence"))
+    result, _ = measured_step
     run = MlflowClient(mlflow_server).get_run(result.report["mlflow"]["run_id"])
     assert run.data.params["forms.chosen"] == result.report["forms"]["chosen"]
     assert run.data.params["forms.candidates"] == "fused,attention-unfused,unfused"

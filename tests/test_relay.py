@@ -25,7 +25,7 @@ SECRET = "whsec-relay-test-8c1f2b"
 TOKEN = "ghp_relaytesttoken0123456789"
 REPO = "acme/models"
 MLSTEP = [str(Path(sys.executable).parent / "mlstep")]
-WAIT = 60
+WAIT = 300                  # an event wait's hang guard (a busy machine delays deliveries, never loses them)
 
 
 class Receiver:
