@@ -161,9 +161,10 @@ def _precision(facts: Mapping[str, Any] | None) -> dict:
     return {"kept_float32": list(facts.get("kept_float32") or []), "note": facts.get("note")}
 
 
-NOT_COMPARED = ("positions the attention mask marks as padding that see no key are not compared ({values} values; "
-                "max difference {diff}): ONNX Runtime's fused attention defines those rows differently from the "
-                "export; they are masked for every real token. `--exact-padding` refuses this fusion instead.")
+NOT_COMPARED = ("positions the attention mask marks as padding are not compared ({values} values; max difference "
+                "{diff}): where such a position sees no key, ONNX Runtime's fused attention defines its row differently "
+                "from the export; every padded position is masked for every real token, whose outputs are compared "
+                "in full. `--exact-padding` refuses this fusion instead.")
 
 
 def not_compared(parity) -> dict:
