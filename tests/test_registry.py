@@ -121,7 +121,7 @@ def test_registered_model_gets_two_gate_passed_versions(first_step, client, tmp_
     found = versions(client, "tiny-bert")
     assert sorted(found) == ["1", "2", "3"]
     options_hash = report["options"]["options_hash"]
-    assert options_hash == OptimizeOptions(float16=True).hash()
+    assert options_hash == OptimizeOptions(float16=True).hash({"form": "fused"})   # a forced form is in the key
     for number, variant in (("2", "fp32"), ("3", "fp16")):
         version = found[number]
         tags = dict(version.tags)
@@ -182,7 +182,9 @@ def test_rerun_registers_nothing_and_completes_a_half_done_registration(first_st
     assert proc.returncode == 0, proc.stderr
     before = versions(client, "tiny-bert")
 
-    again = mlstep("optimize", "models:/tiny-bert@candidate", "-o", tmp_path / "again", *QUICK, tracking=mlflow_server)
+    # the first step's options again (its forced form is part of the registry key)
+    again = mlstep("optimize", "models:/tiny-bert@candidate", "-o", tmp_path / "again", *QUICK, "--form", "fused",
+                   tracking=mlflow_server)
     assert again.returncode == 0, again.stderr + again.stdout
     report = json.loads((tmp_path / "again" / "report.json").read_text())
     assert sorted(versions(client, "tiny-bert")) == sorted(before)
@@ -192,7 +194,8 @@ def test_rerun_registers_nothing_and_completes_a_half_done_registration(first_st
 
     # A registration that stopped half-way: fp32 exists, fp16 does not (and neither does its alias).
     client.delete_model_version("tiny-bert", "3")
-    third = mlstep("optimize", "models:/tiny-bert@candidate", "-o", tmp_path / "third", *QUICK, tracking=mlflow_server)
+    third = mlstep("optimize", "models:/tiny-bert@candidate", "-o", tmp_path / "third", *QUICK, "--form", "fused",
+                   tracking=mlflow_server)
     assert third.returncode == 0, third.stderr + third.stdout
     report = json.loads((tmp_path / "third" / "report.json").read_text())
     regs = report["mlflow"]["registrations"]
