@@ -102,7 +102,11 @@ def to_fp16(model: ir.Model, keep_io_types: bool = True,
 def kept_float32(model: ir.Model) -> dict:
     """What :func:`to_fp16` kept in float32 by measurement: ``{"kept_float32": [...], "lines": [...],
     "note": str | None}`` (empty lists when nothing was kept)."""
-    text = model.metadata_props.get(KEPT_KEY)
+    return read_kept(model.metadata_props.get(KEPT_KEY))
+
+
+def read_kept(text: str | None) -> dict:
+    """The ``KEPT_KEY`` metadata value (json, or None when nothing was kept) as :func:`kept_float32` returns it."""
     return json.loads(text) if text else {"kept_float32": [], "lines": [], "note": None}
 
 

@@ -10,7 +10,6 @@ only for fp32 of an fp16 source is a usage error (exit 2): upcasting would not g
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx_ir as ir
@@ -67,8 +66,7 @@ def precision_facts(path: Path) -> dict:
     """What the conversion kept in float32 by measurement (read from the written variant's metadata)."""
     import onnx
 
-    from mlstep.precision import KEPT_KEY
+    from mlstep.precision import KEPT_KEY, read_kept
 
     proto = onnx.load(str(path), load_external_data=False)
-    text = next((p.value for p in proto.metadata_props if p.key == KEPT_KEY), None)
-    return json.loads(text) if text else {"kept_float32": [], "lines": [], "note": None}
+    return read_kept(next((p.value for p in proto.metadata_props if p.key == KEPT_KEY), None))

@@ -125,7 +125,7 @@ def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.Pat
     if reference_outputs is None:
         reference_outputs = run_reference(reference_path, cases, providers)
     session = runtime.session(candidate_path, providers, runtime.ENABLE_ALL, exact=True)
-    mask_name = unspecified_padding(candidate_path)
+    mask_name = unspecified_padding(session)
     axes = padded_axes(reference_path, mask_name, cases, reference_outputs) if mask_name else {}
     per_output: dict[str, float] = {}
     excluded: dict[str, tuple[int, float]] = {}
@@ -149,15 +149,13 @@ def check_parity(reference_path: str | os.PathLike, candidate_path: str | os.Pat
 
 # ------------------------------------------------------------------------------- unspecified padding
 
-def unspecified_padding(candidate_path: str | os.PathLike) -> str:
-    """The mask input the candidate's metadata names as unspecified padding ("" when none)."""
-    import onnx
-
+def unspecified_padding(session) -> str:
+    """The mask input the candidate's metadata names as unspecified padding ("" when none), read from its ONNX
+    Runtime session (``metadata_props`` are its custom metadata: the file is not parsed again)."""
     from mlstep.optimizer.fusions._base import UNSPECIFIED_PADDING
 
-    proto = onnx.load(str(candidate_path), load_external_data=False)
-    names = [p.value for p in proto.metadata_props if p.key == UNSPECIFIED_PADDING]
-    return names[0].split(",")[0] if names else ""
+    names = session.get_modelmeta().custom_metadata_map.get(UNSPECIFIED_PADDING, "")
+    return names.split(",")[0]
 
 
 def padded_axes(reference_path: str | os.PathLike, mask_name: str, cases: Sequence[Case],
