@@ -52,7 +52,7 @@ def promote(store: Store, uri: str, alias: str) -> Promotion:
     previous = None
     with contextlib.suppress(BadInputError):
         previous = str(store.call("alias", client.get_model_version_by_alias, version.name, alias).version)
-    store.call(f"alias {alias}", client.set_registered_model_alias, version.name, alias, version.version)
+    store.set_alias(version.name, alias, version.version)
     return Promotion(version.name, str(version.version), alias, previous)
 
 

@@ -277,7 +277,7 @@ def _register(store: Store, pub: Publication, request: PublishRequest, variant: 
     reg.version, reg.uri = str(keep.version), f"models:/{name}/{keep.version}"
     reg.sha256 = (keep.tags or {}).get(TAG_SHA256)
     if reg.alias:
-        store.call(f"alias {reg.alias}", client.set_registered_model_alias, name, reg.alias, reg.version)
+        store.set_alias(name, reg.alias, reg.version)
 
 
 def _with_key(store: Store, name: str, key: str, variant: str) -> list:

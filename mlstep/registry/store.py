@@ -166,6 +166,26 @@ class Store:
             return RegistryError(f"{what}: MLflow at {self.shown} refused the credentials ({short(text)})")
         return RegistryError(f"{what}: MLflow at {self.shown}: {type(err).__name__}: {short(text)}")
 
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``name@alias`` at ``version``. MLflow's set-alias is an insert-or-update whose first insert
+        races with another step's (the store refuses the second insert: a unique-constraint error); the row
+        then exists and setting it again updates it. So a refusal is followed by a look: the alias already
+        where we want it is done, else it is set once more; a second refusal is the error."""
+        what = f"alias {alias}"
+        for attempt in (1, 2):
+            try:
+                self.call(what, self.client.set_registered_model_alias, name, alias, version)
+                return
+            except BadInputError:
+                try:
+                    current = self.call(what, self.client.get_model_version_by_alias, name, alias)
+                except BadInputError:                       # no such alias (yet): the refusal stands
+                    current = None
+                if current is not None and str(current.version) == str(version):
+                    return
+                if attempt == 2:
+                    raise
+
     def ping(self) -> None:
         """Fail early (bounded retries, one line) when the store does not answer."""
         self.call("connect", self.client.search_experiments, max_results=1)

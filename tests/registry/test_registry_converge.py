@@ -21,6 +21,7 @@ from registry_helpers import OPTIONS_HASH, step_publish
 from registry_helpers import client, fast_retries, files, proxy  # noqa: F401  (fixtures)
 
 CREATE = "/model-versions/create"
+ALIAS = "/registered-models/alias"
 HELPER = Path(__file__).with_name("registry_helpers.py")
 
 
@@ -101,9 +102,12 @@ def test_a_create_request_that_arrives_after_the_retry(proxy, fast_retries, clie
 
 def test_five_concurrent_steps_on_one_source(proxy, mlflow_server, client, files, tmp_path):
     """Five processes publish the same source at once; a barrier in the proxy holds the five first creates
-    until all arrived, so each one searched, found nothing and created: the race is certain, not likely."""
+    until all arrived, so each one searched, found nothing and created: the race is certain, not likely.
+    A second barrier holds their five first alias requests: five first inserts of one alias at once (the
+    store refuses all but one; each step must still end with the alias on the kept version)."""
     name = "five-at-once"
     proxy.add("POST", CREATE, "barrier", times=5)
+    proxy.add("POST", ALIAS, "barrier", times=5)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MLSTEP_"))}
     env |= {"MLSTEP_REGISTRY_RETRIES": "2", "MLSTEP_REGISTRY_BACKOFF": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(HELPER.parent), env.get("PYTHONPATH")]))}
@@ -123,11 +127,14 @@ def test_five_concurrent_steps_on_one_source(proxy, mlflow_server, client, files
         ["existing"] * 4 + ["registered"]
     assert sum(len(r["removed"]) for r in results) == proxy.count("POST", CREATE) - 2
     assert_settled(client, name)
+    assert proxy.count("POST", ALIAS) >= 10              # every step set both aliases (the barrier's five at once)
+    assert client.get_model_version_by_alias(name, "optimized-fp32").version == "1"
+    assert f"models:/{name}/{client.get_model_version_by_alias(name, 'optimized-fp16').version}" == uris["fp16"].pop()
 
 
 @pytest.mark.parametrize("method, fragment", [
     ("POST", "/runs/create"), ("POST", "/logged-models"), ("PUT", "/mlflow-artifacts/artifacts"),
-    ("POST", CREATE), ("POST", "/registered-models/alias"), ("POST", "/runs/update"),
+    ("POST", CREATE), ("POST", ALIAS), ("POST", "/runs/update"),
 ])
 def test_the_store_dies_at_any_point_and_the_rerun_completes(method, fragment, proxy, fast_retries, client, files,
                                                              tmp_path):
