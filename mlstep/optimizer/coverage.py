@@ -40,9 +40,9 @@ def incomplete(coverage: dict[str, BlockCoverage]) -> list[BlockCoverage]:
 # --- filling it: anchors counted before fusing, fused ops attributed after ----------------------------
 
 # kind -> the fusion switches (FusionLog names) whose refusals explain a miss of that kind
-EXPLAINED_BY = {"attention": ("attention", "causal_attention", "packed_causal_attention"),
+EXPLAINED_BY = {"attention": ("attention", "causal_attention", "packed_causal_attention", "onnx_attention"),
                 "embedding": ("embed_layer_norm",), "layer_norm": ("layer_norm", "layer_norm_tf"),
-                "skip_layer_norm": ("skip_layer_norm",), "gelu": ("gelu", "fast_gelu")}
+                "skip_layer_norm": ("skip_layer_norm",), "gelu": ("gelu", "fast_gelu", "onnx_gelu")}
 # kind -> the fused ops that take a block of that kind (a LayerNorm taken into SkipLN / EmbedLN is fused too)
 FUSED_AS = {"attention": ("Attention", "MultiHeadAttention"), "embedding": ("EmbedLayerNormalization",),
             "layer_norm": ("LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization"),
@@ -52,10 +52,11 @@ FUSED_AS = {"attention": ("Attention", "MultiHeadAttention"), "embedding": ("Emb
 @dataclass(frozen=True)
 class Census:
     """The candidate anchors of each block kind in the prepared source, before any fusion, in graph order:
-    attention = Softmax; layer_norm = LayerNormalization or a decomposed mean subtraction ``x - mean(x)``;
+    attention = Softmax (or ONNX's Attention op); layer_norm = LayerNormalization or a decomposed mean subtraction
+    ``x - mean(x)``;
     skip_layer_norm = a layer norm of a sum of two activations (a residual), less the embedding's;
-    gelu = Erf, or a Tanh of a cubic (``x + 0.044715 x^3``); embedding = a layer norm of a sum that reads a
-    word-embedding table (a Gather of a 2-D integer graph input), one per embedding (encoders: GPT-2's embedding
+    gelu = Erf, a Tanh of a cubic (``x + 0.044715 x^3``) or ONNX's Gelu op; embedding = a layer norm of a sum that
+    reads a word-embedding table (a Gather of a 2-D integer graph input), one per embedding (encoders: GPT-2's embedding
     sum is a skip layer norm's input), or such a sum the source already feeds to a fused SkipLayerNormalization
     (ONNX Runtime's GPT-2 embedding test graphs)."""
 
@@ -67,10 +68,12 @@ class Census:
 
 def census(model, model_type: str) -> Census:
     graph = model.graph
-    softmax = [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+    # ONNX's own Attention / Gelu (opset 23 / 20) left as they are by standard_ops are blocks too
+    softmax = [n for n in graph if n.op_type in ("Softmax", "Attention") and n.domain in ("", "ai.onnx")]
     norms = [n for n in graph if n.op_type == "LayerNormalization"] + \
         [n for n in graph if n.op_type == "ReduceMean" and _subtracted_from_input(n)]
-    gelu = [n for n in graph if n.op_type == "Erf" or (n.op_type == "Tanh" and _has_cube(n.inputs[0], 4))]
+    gelu = [n for n in graph if n.op_type == "Erf" or (n.op_type == "Tanh" and _has_cube(n.inputs[0], 4))
+            or (n.op_type == "Gelu" and n.domain in ("", "ai.onnx"))]
     residual = [n for n in norms if _sum_of_activations(n.inputs[0])]
     # one embedding block per layer norm whose summed input reads a word-embedding table (several embeddings in
     # one graph are several blocks); GPT-2's embedding sum is its first skip layer norm's input

@@ -61,35 +61,39 @@ _SAME_TYPE_AS_INPUTS = {"Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Tanh", "Erf"
 def _eliminate_noop_casts(model: ir.Model) -> None:
     """A main-graph Cast to the element type its input already has is an Identity: its users read the input.
     The input's type is its declared one or, when the export left it untyped, the one ONNX's typing rules give
-    its producer (an Add's, a MatMul's, a Reshape's output has its inputs' type, a Gather's its table's)."""
+    its producer (``element_type``)."""
     memo: dict[int, ir.DataType | None] = {}
-
-    def dtype(value: ir.Value | None, depth: int = 0) -> ir.DataType | None:
-        if value is None or depth > 64:
-            return None
-        if value.dtype is not None:
-            return value.dtype
-        if id(value) not in memo:
-            node = value.producer()
-            found = None
-            if node is not None and node.domain == "":
-                if node.op_type == "Cast":
-                    found = ir.DataType(node.attributes.get_int("to"))
-                elif node.op_type == "Gather":
-                    found = dtype(node.inputs[0], depth + 1)
-                elif node.op_type in _SAME_TYPE_AS_INPUTS:
-                    data = node.inputs[:1] if node.op_type in _FIRST_IS_DATA else node.inputs
-                    types = {dtype(v, depth + 1) for v in data if v is not None} - {None}
-                    found = types.pop() if len(types) == 1 else None
-            memo[id(value)] = found
-        return memo[id(value)]
-
     for node in list(model.graph):
         if node.op_type != "Cast" or node.domain != "" or node.inputs[0] is None or node.outputs[0].is_graph_output():
             continue
-        if dtype(node.inputs[0]) == ir.DataType(node.attributes.get_int("to")):
+        if element_type(node.inputs[0], memo) == ir.DataType(node.attributes.get_int("to")):
             ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
             model.graph.remove(node, safe=True)
+
+
+def element_type(value: ir.Value | None, memo: dict | None = None, depth: int = 0) -> ir.DataType | None:
+    """A value's element type: declared, or, when the export left it untyped, the one ONNX's typing rules give its
+    producer (an Add's, a MatMul's, a Reshape's output has its inputs' type, a Gather's its table's, a Cast's its
+    ``to``); None when that does not tell."""
+    memo = {} if memo is None else memo
+    if value is None or depth > 64:
+        return None
+    if value.dtype is not None:
+        return value.dtype
+    if id(value) not in memo:
+        node = value.producer()
+        found = None
+        if node is not None and node.domain == "":
+            if node.op_type == "Cast":
+                found = ir.DataType(node.attributes.get_int("to"))
+            elif node.op_type == "Gather":
+                found = element_type(node.inputs[0], memo, depth + 1)
+            elif node.op_type in _SAME_TYPE_AS_INPUTS:
+                data = node.inputs[:1] if node.op_type in _FIRST_IS_DATA else node.inputs
+                types = {element_type(v, memo, depth + 1) for v in data if v is not None} - {None}
+                found = types.pop() if len(types) == 1 else None
+        memo[id(value)] = found
+    return memo[id(value)]
 
 
 # ops whose output type is their first input's (the others are shapes, axes or an exponent)

@@ -17,6 +17,7 @@ from mlstep.optimizer.fusions._base import (MS_DOMAIN, UNSPECIFIED_PADDING, Fusi
                                              explain_misses, run_fusion)
 from mlstep.optimizer.options import OptimizeOptions
 from mlstep.optimizer.passes import input_int32, ort_prepass, prepare, count_fused_ops
+from mlstep.optimizer import standard_ops
 
 
 @dataclass
@@ -72,11 +73,12 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
     if options.opt_level:
         model = ort_prepass(model, options.opt_level, options.use_gpu, source_dir)
     prepare(model)
+    expansions, log = standard_ops.expand(model)    # ONNX's Gelu / Attention as the forms the fusions take
     detected = detect(model, options)
     blocks = census(model, detected.model_type)     # the blocks to fuse, counted before any fusion
     ctx = FusionContext(detected.model_type, detected.num_heads, detected.hidden_size, options.use_gpu,
                         tuple(sequence_lengths), options.exact_padding)
-    log, traced = [], {}
+    traced = {}
     for fusion in FUSION_ORDER:
         if fusion.name in options.disabled_fusions:
             log.append(FusionLog(fusion.title, refused=["disabled by option"]))
@@ -87,6 +89,7 @@ def optimize(model: ir.Model, options: OptimizeOptions = OptimizeOptions(), sour
             # a block of its kind is left: ask why now, before a later fusion changes the graph
             traced[fusion.title] = explain_misses(fusion, model, ctx) or \
                 explain_misses(fusion, model, ctx, unmatched=True)
+    standard_ops.restore(model, expansions)         # an expansion no fusion took: the standard op again
     coverage = tally(blocks, model, count_fused_ops(model), _miss_reasons(ctx.model_type, log, traced))
     if options.input_int32:
         input_int32(model)
