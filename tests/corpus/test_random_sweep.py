@@ -62,6 +62,7 @@ def test_draws_are_reproducible_and_span_the_space():
     assert [d.id for d in draws] == [draw(s).id for s in ALWAYS_SEEDS + SLOW_SEEDS]
     assert {d.family for d in draws} == {"bert", "distilbert", "roberta", "albert", "gpt2"}
     assert {d.exporter for d in draws} == {"torchscript", "dynamo"}
+    assert {d.opset for d in draws if d.exporter == "dynamo"} == {18, 20, 23}
     assert {d.task for d in draws} == {"base", "sequence-classification", "masked-lm", "causal-lm"}
     assert any(d.heads & (d.heads - 1) for d in draws) and any(d.with_past for d in draws)
     assert {d.token_types for d in draws} == {True, False}
